@@ -1,0 +1,163 @@
+"""The web layer: Label Studio's ML-backend HTTP contract in, calls into the loop's stages out.
+
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics, GET /status.
+Each route parses the request, calls one function and returns JSON; bad input gets a 4xx with
+a one-line reason. Slow work never runs here: webhooks queue jobs for the worker.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from werkzeug.exceptions import HTTPException
+
+from backend import __version__
+from backend.labelconfig import LabelConfigError, parse_ranking_schema
+from backend.predictions import rank_prediction
+from backend.registry import ModelRegistry
+from backend.settings import Settings
+from backend.store import Store
+from backend.webhooks import PayloadError, handle_webhook
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "RLHFRanker"
+
+
+def create_app(settings: Settings) -> Flask:
+    app = Flask(__name__)
+    store = Store(settings.store_url)
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    store.create_schema()
+    registry = ModelRegistry(settings, store)
+    app.extensions["rlhf"] = {"settings": settings, "store": store, "registry": registry}
+
+    metrics = CollectorRegistry()
+    metrics.register(StoreCollector(store, registry))
+
+    @app.before_request
+    def require_basic_auth():
+        if settings.basic_auth is None:
+            return None
+        auth = request.authorization
+        ok = auth is not None and all(
+            hmac.compare_digest(given or "", expected)
+            for given, expected in zip((auth.username, auth.password), settings.basic_auth)
+        )
+        if not ok:
+            return Response('{"error": "basic auth required"}\n', 401, {"WWW-Authenticate": 'Basic realm="rlhf"'},
+                            mimetype="application/json")
+        return None
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class=MODEL_CLASS, version=__version__)
+
+    @app.post("/setup")
+    def setup():
+        body = json_body()
+        project_id = parse_project_id(body.get("project"))
+        schema_xml = body.get("schema")
+        if not isinstance(schema_xml, str):
+            raise PayloadError("'schema' must be the project's label config XML string")
+        try:
+            parse_ranking_schema(schema_xml)
+        except LabelConfigError as exc:
+            raise PayloadError(str(exc)) from None
+        store.save_project(project_id, schema_xml)
+        return jsonify(model_version=registry.model_version())
+
+    @app.post("/predict")
+    def predict():
+        body = json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise PayloadError("'tasks' must be a list of task objects")
+        config = body.get("label_config") or store.label_config(parse_project_id(body.get("project")))
+        if not config:
+            raise PayloadError("no 'label_config' in the request and none stored for the project: call /setup first")
+        try:
+            schema = parse_ranking_schema(config)
+        except LabelConfigError as exc:
+            raise PayloadError(str(exc)) from None
+        reward, version = registry.reward_model(), registry.model_version()
+        return jsonify(results=[rank_prediction(task, schema, reward, version) for task in tasks])
+
+    @app.post("/webhook")
+    def webhook():
+        return jsonify(handle_webhook(store, json_body()))
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(generate_latest(metrics), mimetype="text/plain; version=0.0.4")
+
+    @app.get("/status")
+    def status():
+        return jsonify(
+            model_version=registry.model_version(),
+            pairs=store.pair_count(),
+            policy_versions=[vars(v) for v in store.versions("policy")],
+            reward_versions=[vars(v) for v in store.versions("reward")],
+            jobs=store.job_counts(),
+            recent_jobs=store.jobs(),
+            events=store.events(after_id=int(request.args.get("after", 0) or 0)),
+        )
+
+    @app.errorhandler(PayloadError)
+    def bad_payload(exc: PayloadError):
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify(error=f"{exc.name}: {exc.description}".splitlines()[0]), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):  # never leak a traceback to the client; the log keeps it
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(exc).__name__}); see the backend log"), 500
+
+    return app
+
+
+def json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise PayloadError("request body must be a JSON object (Content-Type: application/json)")
+    return body
+
+
+def parse_project_id(value) -> int:
+    """Label Studio sends the project as "<id>.<created timestamp>" to /setup and /predict."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value):
+        return int(value.split(".")[0])
+    raise PayloadError(f"'project' must look like \"12.1700000000\" (id.timestamp), got {value!r}")
+
+
+class StoreCollector:
+    """Prometheus gauges read from the store at scrape time, so every gunicorn worker reports the same."""
+
+    def __init__(self, store: Store, registry: ModelRegistry):
+        self.store, self.registry = store, registry
+
+    def collect(self):
+        yield GaugeMetricFamily("rlhf_preference_pairs", "Preference pairs in the store", value=self.store.pair_count())
+        yield GaugeMetricFamily("rlhf_policy_version", "Newest published policy version",
+                                value=self.registry.policy_version())
+        yield GaugeMetricFamily("rlhf_reward_version", "Newest published reward-model version",
+                                value=self.registry.reward_version())
+        jobs = GaugeMetricFamily("rlhf_jobs", "Jobs in the queue by state", labels=["state"])
+        for state, count in self.store.job_counts().items():
+            jobs.add_metric([state], count)
+        yield jobs
+        latest = self.store.latest_version("reward")
+        accuracy = (latest.metrics.get("held_out_accuracy") if latest else None)
+        if accuracy is not None:
+            yield GaugeMetricFamily("rlhf_reward_held_out_accuracy", "Pairwise accuracy on held-out prompts",
+                                    value=accuracy)

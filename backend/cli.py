@@ -1,0 +1,83 @@
+"""The `rlhf-backend` command: serve, worker, import, demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from backend.settings import SettingsError, load_settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="An RLHF loop inside Label Studio.")
+
+
+def _settings():
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+def serve(host: str = typer.Option("127.0.0.1", help="Interface to bind"),
+          port: int = typer.Option(9090, help="Port to bind"),
+          workers: int = typer.Option(2, help="gunicorn web workers")) -> None:
+    """Serve the ML backend with gunicorn, plus one training worker process."""
+    _settings()  # fail here, with one line, rather than inside every gunicorn worker
+    args = [sys.executable, "-m", "gunicorn", "-c", "python:backend.gunicorn_conf",
+            "--bind", f"{host}:{port}", "--workers", str(workers), "backend.wsgi:app"]
+    os.execv(sys.executable, args)
+
+
+@cli.command()
+def worker() -> None:
+    """Run the training worker alone (generation, reward fitting, PPO)."""
+    _logging()
+    from backend.worker import run_worker
+
+    run_worker(_settings())
+
+
+@cli.command("import")
+def import_(file: Path = typer.Argument(..., help="Prompts: .jsonl ({\"prompt\": ...}), .csv (prompt column) or .txt"),
+            project: int = typer.Option(..., "--project", help="Label Studio project id")) -> None:
+    """Import prompts as tasks with an empty candidate list (the backend fills it)."""
+    from backend import labelstudio
+    from backend.labelconfig import LabelConfigError, parse_ranking_schema
+
+    settings = _settings()
+    try:
+        prompts = labelstudio.read_prompts(file)
+        client = labelstudio.connect(settings.label_studio_url, settings.label_studio_api_key)
+        schema = parse_ranking_schema(client.projects.get(id=project).label_config)
+    except (ValueError, LabelConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    ids = labelstudio.import_prompts(client, project, prompts, schema)
+    typer.echo(f"imported {len(ids)} prompts into project {project}")
+
+
+@cli.command()
+def demo(port: int = typer.Option(8080, help="Label Studio port"),
+         backend_port: int = typer.Option(9090, help="Backend port")) -> None:
+    """Start Label Studio and the backend, run a scripted annotator through the loop, keep both running."""
+    _logging()
+    from backend.demo import run_demo
+
+    run_demo(_settings(), ls_port=port, backend_port=backend_port)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Candidate generation: prompts in, `Candidate` records (K sampled completions each) out.
+
+Prompts are rendered with the tokenizer's chat template when it has one (instruct models),
+left-padded and generated in batches across prompts; each candidate records the policy
+version that wrote it, so later stages can tell which policy an annotator judged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str  # "c0", "c1", ...: the item id Label Studio's Ranker orders
+    body: str
+    policy_version: int
+
+    def as_list_item(self) -> dict:
+        """The `{id, title, body}` item that `<List value="$answers">` shows."""
+        return {"id": self.id, "title": f"Answer {self.id[1:]}", "body": self.body,
+                "policy_version": self.policy_version}
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The text the policy continues: the chat template with a generation prompt, if any."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt + "\n"
+
+
+@torch.no_grad()
+def sample_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+) -> list[list[str]]:
+    """`num_samples` sampled completions for each prompt, generated `batch_size` prompts at a time."""
+    completions: list[list[str]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        texts = [render_prompt(tokenizer, p) for p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # (len(chunk) * num_samples, prompt_len + new_len), grouped by prompt
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i in range(len(chunk)):
+            completions.append([d.strip() for d in decoded[i * num_samples : (i + 1) * num_samples]])
+    return completions
+
+
+def generate_candidates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    num_candidates: int,
+    max_new_tokens: int,
+    policy_version: int,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+) -> list[list[Candidate]]:
+    """K candidates for each prompt, tagged with the policy version that wrote them."""
+    samples = sample_completions(model, tokenizer, prompts, num_candidates, max_new_tokens, temperature, batch_size)
+    return [
+        [Candidate(id=f"c{k}", body=body, policy_version=policy_version) for k, body in enumerate(bodies)]
+        for bodies in samples
+    ]

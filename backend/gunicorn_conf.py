@@ -1,0 +1,29 @@
+"""gunicorn hooks: start one training worker process beside the web workers, and stop it with them.
+
+Used by `rlhf-backend serve`; with plain gunicorn: `gunicorn -c python:backend.gunicorn_conf backend.wsgi:app`.
+The training worker is a separate process (not a thread in a web worker) so a PPO run never
+slows a webhook and several web workers never train twice.
+"""
+
+import subprocess
+import sys
+
+bind = "127.0.0.1:9090"
+workers = 2
+timeout = 120  # /predict may embed many candidates; Label Studio itself waits 100 s
+_training = {}
+
+
+def when_ready(server):
+    _training["process"] = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"])
+    server.log.info("training worker started (pid %s)", _training["process"].pid)
+
+
+def on_exit(server):
+    process = _training.get("process")
+    if process and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

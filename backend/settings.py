@@ -1,0 +1,86 @@
+"""Settings: the environment in, one frozen, validated `Settings` object out.
+
+This is the only module that reads `os.environ`. Every other module receives the
+settings object (or the few values it needs) as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message is one line naming the variable and the fix."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- Label Studio connection ---
+    label_studio_url: str = Field("http://127.0.0.1:8080", description="Base URL of Label Studio")
+    label_studio_api_key: str = Field("", description="Label Studio API token (legacy token or personal access token)")
+
+    # --- where state lives ---
+    model_dir: Path = Field(Path("model_dir"), description="All state: the store, model versions, caches")
+    database_url: str = Field("", description="SQLAlchemy URL of the store; default: SQLite under MODEL_DIR")
+
+    # --- models ---
+    policy_model: str = Field("smollm2-135m-instruct", description="Policy: the bundled default, a HF id or a path")
+    reward_model: str = Field("all-minilm-l6-v2", description="Frozen encoder of the reward model: bundled default, HF id or path")
+    num_candidates: int = Field(4, ge=2, le=16, description="Candidates generated per prompt")
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="Tokens generated per candidate")
+    temperature: float = Field(1.0, gt=0, le=2.0, description="Sampling temperature of candidate generation")
+    generation_batch_size: int = Field(8, ge=1, le=256, description="Prompts generated together in one batch")
+
+    # --- training triggers and PPO ---
+    ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
+    ppo_steps: int = Field(4, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")
+    ppo_batch_size: int = Field(4, ge=1, le=1024, description="Prompts per PPO rollout")
+    ppo_learning_rate: float = Field(2e-4, gt=0, lt=1, description="Adam learning rate of PPO (LoRA weights)")
+    ppo_init_kl_coef: float = Field(0.1, ge=0, description="Initial KL penalty coefficient to the previous policy")
+    ppo_target_kl: float = Field(1.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
+    lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of PPO updates; 0 fine-tunes every weight")
+    rl_algorithm: Literal["ppo"] = Field("ppo", description="RL algorithm of the policy update")
+
+    # --- serving ---
+    basic_auth_user: str = Field("", description="If set with BASIC_AUTH_PASS, every route needs HTTP basic auth")
+    basic_auth_pass: str = Field("", description="Password of BASIC_AUTH_USER")
+    torch_threads: int = Field(0, ge=0, le=256, description="torch threads in the worker; 0 = torch's default")
+    seed: int = Field(0, ge=0, description="Seed of sampling and training")
+
+    @model_validator(mode="after")
+    def _check_auth_pair(self) -> "Settings":
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (set both, or neither)")
+        return self
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.model_dir.resolve() / 'store.sqlite3'}"
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user else None
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from environment variables named after the fields in upper case."""
+    environ = os.environ if environ is None else environ
+    values = {name: environ[name.upper()] for name in Settings.model_fields if name.upper() in environ}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    if not first["loc"]:  # a model-level validator: its message already names the variables
+        return first["msg"].removeprefix("Value error, ")
+    name = str(first["loc"][0]).upper()
+    return f"invalid setting {name}={first.get('input')!r}: {first['msg']}"

@@ -1,0 +1,346 @@
+"""The durable store: every piece of loop state, in one SQL database under MODEL_DIR.
+
+In: tasks, annotations' preference pairs, model versions and jobs from the other stages.
+Out: the same, queried. SQLite in WAL mode by default (several gunicorn workers and the
+training worker share it); any SQLAlchemy URL (e.g. PostgreSQL) via DATABASE_URL.
+Nothing here is cached in process memory, so every process sees every other's writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, Text, create_engine, delete, event, func,
+    select, update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ProjectRow(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # Label Studio project id
+    label_config: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # Label Studio task id
+    project_id: Mapped[int] = mapped_column(Integer, index=True)
+    data: Mapped[dict] = mapped_column(JSON)  # the task's data as last written to Label Studio
+    policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # of its candidates
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class PairRow(Base):
+    __tablename__ = "preference_pairs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(Integer, index=True)
+    task_id: Mapped[int] = mapped_column(Integer, index=True)
+    annotation_id: Mapped[int] = mapped_column(Integer, index=True)
+    annotator: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    chosen: Mapped[str] = mapped_column(Text)
+    rejected: Mapped[str] = mapped_column(Text)
+    margin: Mapped[float] = mapped_column(Float, default=0.0)
+    chosen_policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rejected_policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ModelVersionRow(Base):
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # "policy" | "reward"
+    version: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    pairs_seen: Mapped[int] = mapped_column(Integer, default=0)  # pairs in the store when its run started
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    project_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued|running|done|failed
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class EmbeddingRow(Base):
+    __tablename__ = "embeddings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(encoder + text)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian
+
+
+class EventRow(Base):
+    """A human-readable log of what the loop did, for the demo, the status API and debugging."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+# Lower runs first: a reward refit takes milliseconds and makes /predict current, PPO takes minutes.
+JOB_PRIORITY = {"fit_reward": 0, "generate": 1, "regenerate": 1, "train_policy": 2}
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    project_id: int | None
+    payload: dict
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    kind: str
+    version: int
+    path: str
+    pairs_seen: int
+    metrics: dict
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets readers (web workers) run beside the one writer; busy_timeout makes writers wait, not fail.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    """All loop state. One instance per process; it holds a connection pool, no data."""
+
+    def __init__(self, url: str):
+        self.engine: Engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # --- projects and tasks ---
+    def save_project(self, project_id: int, label_config: str) -> None:
+        with self.session() as s:
+            row = s.get(ProjectRow, project_id)
+            if row is None:
+                s.add(ProjectRow(id=project_id, label_config=label_config))
+            elif label_config and row.label_config != label_config:
+                row.label_config = label_config
+
+    def label_config(self, project_id: int) -> str | None:
+        with self.session() as s:
+            row = s.get(ProjectRow, project_id)
+            return row.label_config if row and row.label_config else None
+
+    def save_task(self, project_id: int, task_id: int, data: dict, policy_version: int | None = None) -> None:
+        with self.session() as s:
+            row = s.get(TaskRow, task_id)
+            if row is None:
+                s.add(TaskRow(id=task_id, project_id=project_id, data=data, policy_version=policy_version))
+            else:
+                row.project_id, row.data = project_id, data
+                if policy_version is not None:
+                    row.policy_version = policy_version
+
+    def project_ids(self) -> list[int]:
+        with self.session() as s:
+            return list(s.scalars(select(ProjectRow.id).order_by(ProjectRow.id)))
+
+    def tasks(self, task_ids: Iterable[int]) -> dict[int, dict]:
+        with self.session() as s:
+            rows = s.scalars(select(TaskRow).where(TaskRow.id.in_(list(task_ids))))
+            return {r.id: dict(r.data) for r in rows}
+
+    def task_policy_versions(self, project_id: int) -> dict[int, int | None]:
+        with self.session() as s:
+            rows = s.execute(select(TaskRow.id, TaskRow.policy_version).where(TaskRow.project_id == project_id))
+            return {task_id: version for task_id, version in rows}
+
+    def project_task_data(self, project_id: int | None = None) -> list[dict]:
+        with self.session() as s:
+            query = select(TaskRow.data).order_by(TaskRow.id)
+            if project_id is not None:
+                query = query.where(TaskRow.project_id == project_id)
+            return [dict(d) for d in s.scalars(query)]
+
+    # --- preference pairs ---
+    def replace_annotation_pairs(self, annotation_id: int, pairs: list[dict]) -> None:
+        """Make `pairs` the annotation's only pairs: a repeated or updated event leaves one copy."""
+        with self.session() as s:
+            s.execute(delete(PairRow).where(PairRow.annotation_id == annotation_id))
+            s.add_all(PairRow(annotation_id=annotation_id, **p) for p in pairs)
+
+    def delete_annotation_pairs(self, annotation_ids: Iterable[int]) -> int:
+        with self.session() as s:
+            result = s.execute(delete(PairRow).where(PairRow.annotation_id.in_(list(annotation_ids))))
+            return result.rowcount or 0
+
+    def pairs(self, project_id: int | None = None) -> list[PairRow]:
+        with self.session() as s:
+            query = select(PairRow).order_by(PairRow.id)
+            if project_id is not None:
+                query = query.where(PairRow.project_id == project_id)
+            return list(s.scalars(query))
+
+    def pair_count(self, project_id: int | None = None) -> int:
+        with self.session() as s:
+            query = select(func.count(PairRow.id))
+            if project_id is not None:
+                query = query.where(PairRow.project_id == project_id)
+            return s.scalar(query) or 0
+
+    # --- model versions ---
+    def publish_version(self, kind: str, path: str, pairs_seen: int, metrics: dict) -> int:
+        with self.session() as s:
+            latest = s.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.kind == kind))
+            version = 0 if latest is None else latest + 1
+            s.add(ModelVersionRow(kind=kind, version=version, path=path, pairs_seen=pairs_seen, metrics=metrics))
+            return version
+
+    def next_version(self, kind: str) -> int:
+        with self.session() as s:
+            latest = s.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.kind == kind))
+            return 0 if latest is None else latest + 1
+
+    def latest_version(self, kind: str) -> ModelVersion | None:
+        with self.session() as s:
+            row = s.scalars(
+                select(ModelVersionRow).where(ModelVersionRow.kind == kind).order_by(ModelVersionRow.version.desc())
+            ).first()
+            return _version(row) if row else None
+
+    def versions(self, kind: str) -> list[ModelVersion]:
+        with self.session() as s:
+            rows = s.scalars(select(ModelVersionRow).where(ModelVersionRow.kind == kind).order_by(ModelVersionRow.version))
+            return [_version(r) for r in rows]
+
+    # --- jobs: a durable queue the worker processes claim from ---
+    def enqueue(self, kind: str, project_id: int | None, task_ids: Iterable[int] = (), **payload) -> int:
+        """Queue a job, or fold it into the same kind's queued job for the project (a burst makes one job)."""
+        task_ids = sorted(set(task_ids))
+        with self.session() as s:
+            queued = s.scalars(
+                select(JobRow).where(JobRow.kind == kind, JobRow.project_id == project_id, JobRow.state == "queued")
+            ).first()
+            if queued is not None:
+                merged = dict(queued.payload)
+                merged.update(payload)
+                merged["task_ids"] = sorted(set(merged.get("task_ids", [])) | set(task_ids))
+                queued.payload = merged
+                return queued.id
+            job = JobRow(kind=kind, project_id=project_id, priority=JOB_PRIORITY.get(kind, 5),
+                         payload={**payload, "task_ids": task_ids})
+            s.add(job)
+            s.flush()
+            return job.id
+
+    def has_active_job(self, kind: str) -> bool:
+        with self.session() as s:
+            query = select(func.count(JobRow.id)).where(JobRow.kind == kind, JobRow.state.in_(["queued", "running"]))
+            return bool(s.scalar(query))
+
+    def claim_job(self, worker_id: str) -> Job | None:
+        """Atomically move the most urgent queued job to running for this worker, or return None."""
+        token = f"{worker_id}:{uuid.uuid4().hex[:8]}"
+        with self.session() as s:
+            next_id = (
+                select(JobRow.id).where(JobRow.state == "queued")
+                .order_by(JobRow.priority, JobRow.id).limit(1).scalar_subquery()
+            )
+            claimed = s.execute(
+                update(JobRow).where(JobRow.id == next_id, JobRow.state == "queued")
+                .values(state="running", claimed_by=token, started_at=_now())
+            )
+            if not claimed.rowcount:
+                return None
+            row = s.scalars(select(JobRow).where(JobRow.claimed_by == token)).one()
+            return Job(id=row.id, kind=row.kind, project_id=row.project_id, payload=dict(row.payload))
+
+    def finish_job(self, job_id: int, error: str | None = None) -> None:
+        with self.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(
+                state="failed" if error else "done", error=error, finished_at=_now()))
+
+    def requeue_running_jobs(self) -> int:
+        """Jobs a killed worker left running go back to the queue (called when a worker starts)."""
+        with self.session() as s:
+            result = s.execute(update(JobRow).where(JobRow.state == "running").values(state="queued", claimed_by=None))
+            return result.rowcount or 0
+
+    def job_counts(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(JobRow.state, func.count(JobRow.id)).group_by(JobRow.state))
+            return {state: n for state, n in rows}
+
+    def jobs(self, limit: int = 20) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(select(JobRow).order_by(JobRow.id.desc()).limit(limit))
+            return [{"id": r.id, "kind": r.kind, "project": r.project_id, "state": r.state, "error": r.error}
+                    for r in rows]
+
+    # --- embeddings cache, shared by every process ---
+    def get_embeddings(self, keys: list[str]) -> dict[str, bytes]:
+        with self.session() as s:
+            rows = s.execute(select(EmbeddingRow.key, EmbeddingRow.vector).where(EmbeddingRow.key.in_(keys)))
+            return {k: v for k, v in rows}
+
+    def put_embeddings(self, vectors: dict[str, bytes]) -> None:
+        with self.session() as s:
+            existing = set(s.scalars(select(EmbeddingRow.key).where(EmbeddingRow.key.in_(list(vectors)))))
+            s.add_all(EmbeddingRow(key=k, vector=v) for k, v in vectors.items() if k not in existing)
+
+    # --- events ---
+    def log_event(self, kind: str, message: str, **data) -> None:
+        with self.session() as s:
+            s.add(EventRow(kind=kind, message=message, data=json.loads(json.dumps(data, default=str))))
+
+    def events(self, after_id: int = 0, limit: int = 100) -> list[dict]:
+        with self.session() as s:
+            rows = s.scalars(select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id).limit(limit))
+            return [{"id": r.id, "kind": r.kind, "message": r.message, "data": r.data,
+                     "at": r.created_at.isoformat()} for r in rows]
+
+
+def _version(row: ModelVersionRow) -> ModelVersion:
+    return ModelVersion(kind=row.kind, version=row.version, path=row.path, pairs_seen=row.pairs_seen,
+                        metrics=dict(row.metrics or {}))
+
+
+def text_key(namespace: str, text: str) -> str:
+    return hashlib.sha256(f"{namespace}\0{text}".encode()).hexdigest()

@@ -1,0 +1,226 @@
+"""The training worker: queued jobs in, candidates, reward-model versions and policy versions out.
+
+Webhooks only record what happened and queue a job in the store; this process (started next to
+gunicorn by `rlhf-backend serve`, or alone with `rlhf-backend worker`) claims jobs one at a time:
+- generate:      prompts of new tasks -> K candidates each, written into the tasks in Label Studio
+- fit_reward:    every stored pair -> a new reward-model version; may queue train_policy
+- train_policy:  reward model + project prompts -> PPO -> a new policy version; queues regenerate
+- regenerate:    tasks nobody annotated yet -> fresh candidates from the newest policy
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from backend import labelstudio
+from backend.generation import generate_candidates
+from backend.labelconfig import RankingSchema, parse_ranking_schema
+from backend.models import load_causal_lm
+from backend.ppo import PPOConfig, PPOStepStats, train_ppo
+from backend.registry import ModelRegistry
+from backend.reward import is_held_out
+from backend.settings import Settings
+from backend.store import Job, Store
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self.registry = ModelRegistry(settings, store)
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = labelstudio.connect(self.settings.label_studio_url, self.settings.label_studio_api_key)
+        return self._client
+
+    def run(self, job: Job) -> None:
+        handler = {
+            "generate": self.generate,
+            "regenerate": self.regenerate,
+            "fit_reward": self.fit_reward,
+            "train_policy": self.train_policy,
+        }.get(job.kind)
+        if handler is None:
+            raise ValueError(f"unknown job kind {job.kind!r}")
+        handler(job)
+
+    # --- candidates ---
+    def schema(self, project_id: int) -> RankingSchema:
+        config = self.store.label_config(project_id)
+        if config is None:
+            config = self.client.projects.get(id=project_id).label_config
+            self.store.save_project(project_id, config)
+        return parse_ranking_schema(config)
+
+    def generate(self, job: Job) -> None:
+        """Write candidates into the job's tasks: new tasks, or (force) tasks a new policy should refresh."""
+        schema = self.schema(job.project_id)
+        tasks = self.store.tasks(job.payload["task_ids"])
+        force = bool(job.payload.get("force"))
+        todo = {tid: data for tid, data in tasks.items() if force or not data.get(schema.candidates_field)}
+        if not todo:
+            return
+        policy = self.registry.policy()
+        started = time.perf_counter()
+        ids = sorted(todo)
+        candidates = generate_candidates(
+            policy.model, policy.tokenizer, [str(todo[t].get(schema.prompt_field, "")) for t in ids],
+            num_candidates=self.settings.num_candidates, max_new_tokens=self.settings.max_new_tokens,
+            policy_version=policy.version, temperature=self.settings.temperature,
+            batch_size=self.settings.generation_batch_size,
+        )
+        for task_id, task_candidates in zip(ids, candidates):
+            data = {**todo[task_id], schema.candidates_field: [c.as_list_item() for c in task_candidates]}
+            labelstudio.write_task_data(self.client, task_id, data)
+            self.store.save_task(job.project_id, task_id, data, policy_version=policy.version)
+        seconds = time.perf_counter() - started
+        self.store.log_event("candidates", f"policy v{policy.version} wrote {self.settings.num_candidates} candidates "
+                             f"for {len(ids)} tasks in {seconds:.1f}s", project=job.project_id, tasks=ids,
+                             policy_version=policy.version)
+
+    def regenerate(self, job: Job) -> None:
+        """After a new policy: fresh candidates for tasks nobody annotated (annotated tasks keep theirs)."""
+        current = self.registry.policy_version()
+        versions = self.store.task_policy_versions(job.project_id)
+        stale = [t for t in labelstudio.unannotated_task_ids(self.client, job.project_id)
+                 if t in versions and (versions[t] or 0) < current]
+        if stale:
+            self.generate(Job(job.id, "generate", job.project_id, {"task_ids": stale, "force": True}))
+
+    # --- reward model ---
+    def fit_reward(self, job: Job) -> None:
+        pairs = self.store.pairs()
+        if not pairs:
+            return
+        started = time.perf_counter()
+        reward = self.registry.reward_model()
+        result = reward.fit([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
+                            [p.margin for p in pairs])
+        version = self.store.next_version("reward") or 1  # v0 is the untrained, all-zero head
+        directory = self.registry.reward_dir(version)
+        type(reward)(reward.encoder, result.weights, version).save(directory)
+        metrics = {"train_accuracy": result.train_accuracy, "held_out_accuracy": result.held_out_accuracy,
+                   "train_pairs": result.train_pairs, "held_out_pairs": result.held_out_pairs,
+                   "seconds": time.perf_counter() - started}
+        published = self.store.publish_version("reward", str(directory), pairs_seen=len(pairs), metrics=metrics)
+        self.store.log_event("reward", f"reward model v{published} fitted on {len(pairs)} pairs "
+                             f"(train accuracy {result.train_accuracy:.2f}) in {metrics['seconds']:.2f}s",
+                             version=published, **metrics)
+        self.queue_policy_update_if_due(job.project_id)
+
+    def queue_policy_update_if_due(self, project_id: int | None) -> None:
+        latest = self.store.latest_version("policy")
+        new_pairs = self.store.pair_count() - (latest.pairs_seen if latest else 0)
+        if new_pairs >= self.settings.ppo_trigger_pairs and not self.store.has_active_job("train_policy"):
+            self.store.enqueue("train_policy", project_id)
+            self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: PPO queued")
+
+    # --- policy ---
+    def train_policy(self, job: Job) -> None:
+        pairs_seen = self.store.pair_count()
+        base = self.registry.policy()  # publishes v0 on first use
+        prompts = self.training_prompts()
+        if not prompts:
+            raise ValueError("no training prompts: import prompts into the project before training")
+        reward = self.registry.reward_model()
+        model, tokenizer = load_causal_lm(base.path)  # a private copy: training must not touch the serving model
+        self.store.log_event("ppo", f"PPO started from policy v{base.version} with reward v{reward.version} "
+                             f"on {len(prompts)} prompts")
+
+        def on_step(stats: PPOStepStats) -> None:
+            self.store.log_event("ppo_step", f"PPO step {stats.step}: reward {stats.reward_mean:.3f}, "
+                                 f"KL {stats.kl:.3f}, ETA {stats.eta_seconds:.0f}s", **vars(stats))
+
+        trained, stats = improve_policy(self.settings, model, tokenizer, prompts, reward.score, on_step)
+        version = self.store.next_version("policy")
+        directory = self.registry.policy_dir(version)
+        save_policy_atomically(trained, tokenizer, directory)
+        metrics = {"reward_version": reward.version, "steps": len(stats),
+                   "final_kl": stats[-1].kl if stats else None, "final_reward": stats[-1].reward_mean if stats else None}
+        published = self.store.publish_version("policy", str(directory), pairs_seen=pairs_seen, metrics=metrics)
+        self.store.log_event("policy", f"policy v{published} published after {len(stats)} PPO steps", **metrics)
+        for project_id in self.store.project_ids():
+            self.store.enqueue("regenerate", project_id)
+
+    def training_prompts(self) -> list[str]:
+        """Prompts of every task the backend has seen, minus the held-out evaluation prompts."""
+        prompts = []
+        for project_id in self.store.project_ids():
+            schema = self.schema(project_id)
+            prompts += [str(d.get(schema.prompt_field, "")) for d in self.store.project_task_data(project_id)]
+        prompts = [p for p in dict.fromkeys(prompts) if p]
+        train = [p for p in prompts if not is_held_out(p)]
+        return train or prompts  # a handful of prompts may all hash into the held-out split
+
+
+def improve_policy(settings: Settings, model, tokenizer, prompts, reward_fn, on_step):
+    """The one RL step of the loop: PPO today; GRPO/RLOO plug in here, behind settings.rl_algorithm."""
+    if settings.rl_algorithm != "ppo":
+        raise ValueError(f"RL_ALGORITHM={settings.rl_algorithm!r} is not supported: use 'ppo'")
+    config = PPOConfig(
+        steps=settings.ppo_steps, batch_size=settings.ppo_batch_size, learning_rate=settings.ppo_learning_rate,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        init_kl_coef=settings.ppo_init_kl_coef, target_kl=settings.ppo_target_kl,
+        lora_rank=settings.lora_rank, seed=settings.seed,
+    )
+    return train_ppo(model, tokenizer, prompts, reward_fn, config, on_step=on_step)
+
+
+def save_policy_atomically(model, tokenizer, directory: Path) -> None:
+    """Save into a staging directory and rename: a killed run never leaves a half-written policy."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+
+
+def run_worker(settings: Settings, stop: threading.Event | None = None, poll_seconds: float = 0.3) -> None:
+    """Claim and run jobs until `stop` is set (or SIGTERM/SIGINT arrives)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    torch.manual_seed(settings.seed)
+    store = Store(settings.store_url)
+    store.create_schema()
+    requeued = store.requeue_running_jobs()
+    if requeued:
+        log.warning("requeued %d job(s) left running by a stopped worker", requeued)
+    worker = Worker(settings, store)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    log.info("worker %s ready", worker_id)
+    while not stop.is_set():
+        job = store.claim_job(worker_id)
+        if job is None:
+            stop.wait(poll_seconds)
+            continue
+        started = time.perf_counter()
+        try:
+            worker.run(job)
+        except Exception as exc:  # one failed job must not stop the loop; its reason is stored and logged
+            log.exception("job %d (%s) failed", job.id, job.kind)
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            store.finish_job(job.id, error=reason)
+            store.log_event("job_failed", f"{job.kind} job {job.id} failed: {reason}", job=job.id)
+            continue
+        store.finish_job(job.id)
+        log.info("job %d (%s) done in %.1fs", job.id, job.kind, time.perf_counter() - started)
