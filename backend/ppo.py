@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -302,7 +303,11 @@ class PolicyWithValue(nn.Module):
             targets = lora_target_modules(policy)
             lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
-            self.lm = get_peft_model(policy, lora)  # freezes the base weights
+            with warnings.catch_warnings():
+                # peft 0.21 reads the `is_gradient_checkpointing` that transformers 5 deprecated;
+                # drop this filter once peft reads `is_activation_checkpointing`
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.lm = get_peft_model(policy, lora)  # freezes the base weights
             reference = None
         else:
             self.lm = policy.requires_grad_(True)
@@ -348,7 +353,8 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
     A plain forward numbers positions 0..L-1 whatever the padding, so left-padded rows would
     be scored at other positions than they were sampled at (transformers' generation/utils.py,
-    `_prepare_position_ids_for_generation`).
+    `_prepare_position_ids_for_generation`). RoPE models (Llama, SmolLM2) are invariant to
+    that shift; models with learned absolute positions (GPT-2, OPT) are not.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import TOKEN, migrated_label_studio  # noqa: E402
+from tiny_models import build_tiny_encoder, build_tiny_policy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOADS = ROOT.parent / "shared" / "label-studio" / "payloads"
+HH_PAIRS = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny-policy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture
+def tiny_env(tmp_path, tiny_policy, tiny_encoder) -> dict[str, str]:
+    """Settings environment of a backend on the tiny models, with all state under tmp_path."""
+    return {
+        "MODEL_DIR": str(tmp_path / "model_dir"),
+        "POLICY_MODEL": str(tiny_policy),
+        "REWARD_MODEL": str(tiny_encoder),
+        "NUM_CANDIDATES": "3",
+        "MAX_NEW_TOKENS": "8",
+        "PPO_TRIGGER_PAIRS": "6",
+        "PPO_STEPS": "2",
+        "PPO_BATCH_SIZE": "2",
+        "TORCH_THREADS": "1",
+    }
+
+
+def payload(name: str) -> dict:
+    """The body of a request Label Studio 1.23 really sent (shared/label-studio/payloads)."""
+    return json.loads((PAYLOADS / f"{name}.json").read_text())["body"]
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    server = migrated_label_studio(tmp_path_factory.mktemp("label-studio"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ls_client(label_studio):
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=label_studio.url, api_key=TOKEN)

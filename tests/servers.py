@@ -1,0 +1,135 @@
+"""Real servers for end-to-end tests: a Label Studio from its own virtualenv and the backend under gunicorn.
+
+Label Studio migrates its SQLite database on the first start of a data dir (about 60 s here),
+so a migrated data dir is kept under .cache/ and copied for each test session (about 5 s to start).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+LABEL_STUDIO_BIN = Path(os.environ.get("LABEL_STUDIO_BIN", ROOT / ".venv-labelstudio" / "bin" / "label-studio"))
+TEMPLATE_DIR = ROOT / ".cache" / "label-studio-data"
+USERNAME = "admin@example.com"
+PASSWORD = "rlhf-admin-pass"
+TOKEN = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, as Label Studio requires
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout:.0f}s; log:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+def label_studio_env(data_dir: Path) -> dict:
+    return {
+        **os.environ,
+        "DJANGO_DB": "sqlite",
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_USERNAME": USERNAME,
+        "LABEL_STUDIO_PASSWORD": PASSWORD,
+        "LABEL_STUDIO_USER_TOKEN": TOKEN,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "COLLECT_ANALYTICS": "false",
+        "LATEST_VERSION_CHECK": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+    }
+
+
+def start_label_studio(data_dir: Path, port: int | None = None, timeout: float = 240) -> Server:
+    """A Label Studio on 127.0.0.1 whose admin and API token exist from the start."""
+    if not LABEL_STUDIO_BIN.exists():
+        raise FileNotFoundError(f"{LABEL_STUDIO_BIN} is missing: run `make install`")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "label-studio.log"
+    process = subprocess.Popen(
+        [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir)],
+        env=label_studio_env(data_dir), stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=data_dir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/health", process, timeout, log)
+    except Exception:
+        stop(process)
+        raise
+    return Server(url, process, log)
+
+
+def migrated_label_studio(data_dir: Path) -> Server:
+    """Start Label Studio on a copy of the migrated template data dir (making the template once)."""
+    if not (TEMPLATE_DIR / "label_studio.sqlite3").exists():
+        staging = TEMPLATE_DIR.with_name(TEMPLATE_DIR.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        start_label_studio(staging).stop()
+        shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
+        staging.rename(TEMPLATE_DIR)
+    shutil.copytree(TEMPLATE_DIR, data_dir, ignore=shutil.ignore_patterns("*.log", "export", "media"))
+    return start_label_studio(data_dir)
+
+
+def start_backend(env: dict, port: int | None = None, log_dir: Path | None = None, timeout: float = 120) -> Server:
+    """`rlhf-backend serve` (gunicorn + training worker) with the given settings environment."""
+    port = port or free_port()
+    log = (log_dir or Path(env["MODEL_DIR"])) / "backend.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--workers", "2"],
+        env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/health", process, timeout, log)
+    except Exception:
+        stop(process)
+        raise
+    return Server(url, process, log)

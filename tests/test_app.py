@@ -1,0 +1,138 @@
+"""The HTTP contract Label Studio speaks, replayed from real captured requests, and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from conftest import payload
+
+from backend.app import create_app
+from backend.settings import load_settings
+
+
+@pytest.fixture
+def app(tiny_env):
+    return create_app(load_settings(tiny_env))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def store(app):
+    return app.extensions["rlhf"]["store"]
+
+
+def test_health_reports_up_with_model_class(client):
+    body = client.get("/health").get_json()
+    assert body["status"] == "UP" and body["model_class"]
+
+
+def test_setup_returns_model_version_naming_policy_and_reward(client):
+    response = client.post("/setup", json=payload("setup"))
+    assert response.status_code == 200
+    assert response.get_json()["model_version"] == "policy-v0.reward-v0"
+
+
+def test_setup_refuses_config_without_ranker_with_one_line_reason(client):
+    body = {**payload("setup"), "schema": '<View><Text name="t" value="$text"/></View>'}
+    response = client.post("/setup", json=body)
+    assert response.status_code == 400
+    assert "Ranker" in response.get_json()["error"] and "\n" not in response.get_json()["error"]
+
+
+def test_tasks_created_queues_generation_only_for_tasks_without_candidates(client, store):
+    body = copy.deepcopy(payload("webhook_TASKS_CREATED"))
+    body["tasks"][0]["data"]["answers"] = []
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 200 and response.get_json()["queued_tasks"] == 1
+    job = store.claim_job("test")
+    assert job.kind == "generate" and job.payload["task_ids"] == [body["tasks"][0]["id"]]
+
+
+def test_ranker_annotation_becomes_three_pairs_in_the_store(client, store):
+    response = client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))
+    assert response.status_code == 200 and response.get_json()["pairs"] == 3
+    pairs = {(p.chosen, p.rejected) for p in store.pairs()}
+    assert pairs == {("0", "I think 0"), ("0", "1"), ("I think 0", "1")}
+
+
+def test_repeated_annotation_event_keeps_one_copy_of_its_pairs(client, store):
+    for _ in range(3):
+        client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))
+    assert store.pair_count() == 3
+
+
+def test_annotations_deleted_removes_their_pairs(client, store):
+    created = payload("webhook_ANNOTATION_CREATED_ranker")
+    client.post("/webhook", json=created)
+    deleted = {**payload("webhook_ANNOTATIONS_DELETED"), "annotations": [{"id": created["annotation"]["id"]}]}
+    assert client.post("/webhook", json=deleted).get_json()["removed_pairs"] == 3
+    assert store.pair_count() == 0
+
+
+def test_cancelled_annotation_gives_no_pairs(client, store):
+    body = copy.deepcopy(payload("webhook_ANNOTATION_CREATED_ranker"))
+    body["annotation"]["was_cancelled"] = True
+    assert client.post("/webhook", json=body).get_json()["pairs"] == 0
+
+
+def test_annotation_ranking_unknown_candidate_is_refused_with_400(client, store):
+    body = copy.deepcopy(payload("webhook_ANNOTATION_CREATED_ranker"))
+    body["annotation"]["result"][0]["value"]["ranker"]["rank"] = ["c0", "c9"]
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 400 and "c9" in response.get_json()["error"]
+    assert store.pair_count() == 0
+
+
+def test_unknown_webhook_action_is_acknowledged_and_ignored(client):
+    response = client.post("/webhook", json=payload("webhook_PROJECT_UPDATED"))
+    assert response.status_code == 200 and response.get_json() == {"ignored": "PROJECT_UPDATED"}
+
+
+def test_start_training_queues_a_policy_update(client, store):
+    client.post("/webhook", json=payload("webhook_START_TRAINING"))
+    assert store.has_active_job("train_policy")
+
+
+@pytest.mark.parametrize("route", ["/setup", "/predict", "/webhook"])
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"project": {"id": "x"}, "action": "TASKS_CREATED"}', b"{}"])
+def test_bad_bodies_get_a_4xx_with_a_one_line_reason(client, route, body):
+    response = client.post(route, data=body, content_type="application/json")
+    assert 400 <= response.status_code < 500, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error and "\n" not in error
+
+
+def test_unknown_route_gets_404_json(client):
+    response = client.get("/nope")
+    assert response.status_code == 404 and "error" in response.get_json()
+
+
+def test_predict_returns_one_ranker_result_per_task_in_order(client):
+    body = payload("predict_on_task_open_ranker")
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    results = response.get_json()["results"]
+    assert len(results) == len(body["tasks"])
+    ranked = results[0]["result"][0]["value"]["ranker"]["rank"]
+    assert sorted(ranked) == ["c0", "c1", "c2"]
+    assert results[0]["model_version"] == "policy-v0.reward-v0"
+    assert 0.0 <= results[0]["score"] <= 1.0
+
+
+def test_basic_auth_guards_every_route_when_configured(tiny_env):
+    app = create_app(load_settings({**tiny_env, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "secret"}))
+    client = app.test_client()
+    assert client.get("/health").status_code == 401
+    assert client.get("/health", auth=("ls", "secret")).status_code == 200
+    assert client.get("/health", auth=("ls", "wrong")).status_code == 401
+
+
+def test_metrics_expose_pair_count_from_the_store(client):
+    client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "rlhf_preference_pairs 3.0" in text
