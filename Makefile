@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 LS_VENV := .venv-labelstudio
 PY := $(VENV)/bin/python
-export LABEL_STUDIO_BIN := $(abspath $(LS_VENV))/bin/label-studio
 
 .PHONY: install test test-fast demo bench serve clean
 

@@ -410,7 +410,7 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 def sample_responses(
     policy: PolicyWithValue, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Sampled sequences (B, P + R), their attention mask (B, P + R), the response mask (B, R) and the decoded responses."""
+    """Sampled sequences (B, P + R), their attention mask (B, P + R), response mask (B, R) and decoded text."""
     texts = [render_prompt(tokenizer, p) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(policy.value_head.weight.device)
@@ -441,7 +441,8 @@ def score_responses(reward_fn: RewardFn, prompts: list[str], responses: list[str
 
 @torch.no_grad()
 def evaluate_rollout(
-    policy: PolicyWithValue, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int, temperature: float,
+    policy: PolicyWithValue, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs, values and entropies under the sampling policy, and log-probs under the reference: each (B, R)."""
     tokens = sequences[:, -response_len:]  # (B, R)

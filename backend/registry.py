@@ -79,7 +79,7 @@ class ModelRegistry:
         latest = self.store.latest_version("policy")
         if latest is None:
             base = resolve_policy(self.settings.policy_model, self.settings.model_dir)
-            self.store.publish_version("policy", base, pairs_seen=0, metrics={"base": self.settings.policy_model})
+            self.store.publish_version("policy", 0, base, pairs_seen=0, metrics={"base": self.settings.policy_model})
             latest = self.store.latest_version("policy")
         if self._policy is None or self._policy.version != latest.version:
             log.info("loading policy v%d from %s", latest.version, latest.path)

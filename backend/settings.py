@@ -84,3 +84,8 @@ def _one_line(exc: ValidationError) -> str:
         return first["msg"].removeprefix("Value error, ")
     name = str(first["loc"][0]).upper()
     return f"invalid setting {name}={first.get('input')!r}: {first['msg']}"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that `load_settings` turns back into these settings (for child processes)."""
+    return {name.upper(): str(value) for name, value in settings.model_dump().items()}

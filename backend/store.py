@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import (
-    JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, Text, create_engine, delete, event, func,
+    JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint, create_engine, delete, event, func,
     select, update,
 )
 from sqlalchemy.engine import Engine
@@ -66,6 +66,7 @@ class PairRow(Base):
 
 class ModelVersionRow(Base):
     __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("kind", "version"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(16), index=True)  # "policy" | "reward"
     version: Mapped[int] = mapped_column(Integer)
@@ -226,12 +227,11 @@ class Store:
             return s.scalar(query) or 0
 
     # --- model versions ---
-    def publish_version(self, kind: str, path: str, pairs_seen: int, metrics: dict) -> int:
+    def publish_version(self, kind: str, version: int, path: str, pairs_seen: int, metrics: dict) -> int:
+        """Make `path` the newest `kind` model; (kind, version) is unique, so two publishers cannot collide."""
         with self.session() as s:
-            latest = s.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.kind == kind))
-            version = 0 if latest is None else latest + 1
             s.add(ModelVersionRow(kind=kind, version=version, path=path, pairs_seen=pairs_seen, metrics=metrics))
-            return version
+        return version
 
     def next_version(self, kind: str) -> int:
         with self.session() as s:

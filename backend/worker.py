@@ -110,13 +110,13 @@ class Worker:
         reward = self.registry.reward_model()
         result = reward.fit([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
                             [p.margin for p in pairs])
-        version = self.store.next_version("reward") or 1  # v0 is the untrained, all-zero head
+        version = max(1, self.store.next_version("reward"))  # v0 is the untrained, all-zero head
         directory = self.registry.reward_dir(version)
         type(reward)(reward.encoder, result.weights, version).save(directory)
         metrics = {"train_accuracy": result.train_accuracy, "held_out_accuracy": result.held_out_accuracy,
                    "train_pairs": result.train_pairs, "held_out_pairs": result.held_out_pairs,
                    "seconds": time.perf_counter() - started}
-        published = self.store.publish_version("reward", str(directory), pairs_seen=len(pairs), metrics=metrics)
+        published = self.store.publish_version("reward", version, str(directory), pairs_seen=len(pairs), metrics=metrics)
         self.store.log_event("reward", f"reward model v{published} fitted on {len(pairs)} pairs "
                              f"(train accuracy {result.train_accuracy:.2f}) in {metrics['seconds']:.2f}s",
                              version=published, **metrics)
@@ -151,7 +151,7 @@ class Worker:
         save_policy_atomically(trained, tokenizer, directory)
         metrics = {"reward_version": reward.version, "steps": len(stats),
                    "final_kl": stats[-1].kl if stats else None, "final_reward": stats[-1].reward_mean if stats else None}
-        published = self.store.publish_version("policy", str(directory), pairs_seen=pairs_seen, metrics=metrics)
+        published = self.store.publish_version("policy", version, str(directory), pairs_seen=pairs_seen, metrics=metrics)
         self.store.log_event("policy", f"policy v{published} published after {len(stats)} PPO steps", **metrics)
         for project_id in self.store.project_ids():
             self.store.enqueue("regenerate", project_id)

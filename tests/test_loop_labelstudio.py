@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from servers import TOKEN, start_backend
+from backend.local_servers import TOKEN, start_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of France?", "How do I bake bread?", "Tell me a joke.",

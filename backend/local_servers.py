@@ -1,4 +1,6 @@
-"""Real servers for end-to-end tests: a Label Studio from its own virtualenv and the backend under gunicorn.
+"""Local servers for the demo and the end-to-end tests: settings in, running processes out.
+
+A real Label Studio from its own virtualenv (.venv-labelstudio), and the backend under gunicorn.
 
 Label Studio migrates its SQLite database on the first start of a data dir (about 60 s here),
 so a migrated data dir is kept under .cache/ and copied for each test session (about 5 s to start).
@@ -18,7 +20,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-LABEL_STUDIO_BIN = Path(os.environ.get("LABEL_STUDIO_BIN", ROOT / ".venv-labelstudio" / "bin" / "label-studio"))
+LABEL_STUDIO_BIN = ROOT / ".venv-labelstudio" / "bin" / "label-studio"
 TEMPLATE_DIR = ROOT / ".cache" / "label-studio-data"
 USERNAME = "admin@example.com"
 PASSWORD = "rlhf-admin-pass"
@@ -104,7 +106,7 @@ def start_label_studio(data_dir: Path, port: int | None = None, timeout: float =
     return Server(url, process, log)
 
 
-def migrated_label_studio(data_dir: Path) -> Server:
+def migrated_label_studio(data_dir: Path, port: int | None = None) -> Server:
     """Start Label Studio on a copy of the migrated template data dir (making the template once)."""
     if not (TEMPLATE_DIR / "label_studio.sqlite3").exists():
         staging = TEMPLATE_DIR.with_name(TEMPLATE_DIR.name + ".tmp")
@@ -112,14 +114,14 @@ def migrated_label_studio(data_dir: Path) -> Server:
         start_label_studio(staging).stop()
         shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
         staging.rename(TEMPLATE_DIR)
-    shutil.copytree(TEMPLATE_DIR, data_dir, ignore=shutil.ignore_patterns("*.log", "export", "media"))
-    return start_label_studio(data_dir)
+    shutil.copytree(TEMPLATE_DIR, data_dir, ignore=shutil.ignore_patterns("*.log", "export", "media"), dirs_exist_ok=True)
+    return start_label_studio(data_dir, port)
 
 
-def start_backend(env: dict, port: int | None = None, log_dir: Path | None = None, timeout: float = 120) -> Server:
+def start_backend(env: dict, port: int | None = None, log: Path | None = None, timeout: float = 120) -> Server:
     """`rlhf-backend serve` (gunicorn + training worker) with the given settings environment."""
     port = port or free_port()
-    log = (log_dir or Path(env["MODEL_DIR"])) / "backend.log"
+    log = log or Path(env["MODEL_DIR"]) / "backend.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--workers", "2"],

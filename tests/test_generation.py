@@ -1,0 +1,19 @@
+from backend.generation import generate_candidates, render_prompt
+from backend.models import load_causal_lm
+
+
+def test_each_prompt_gets_k_candidates_tagged_with_the_policy_version(tiny_policy):
+    model, tokenizer = load_causal_lm(str(tiny_policy))
+    out = generate_candidates(model, tokenizer, ["What is 2+2?", "Tell me a joke.", "Hi"], num_candidates=3,
+                              max_new_tokens=6, policy_version=5, batch_size=2)
+    assert [len(c) for c in out] == [3, 3, 3]
+    assert all(c.policy_version == 5 for cands in out for c in cands)
+    assert [c.id for c in out[0]] == ["c0", "c1", "c2"]
+    item = out[0][0].as_list_item()
+    assert set(item) == {"id", "title", "body", "policy_version"}
+
+
+def test_instruct_prompts_are_rendered_with_the_chat_template(tiny_policy):
+    _, tokenizer = load_causal_lm(str(tiny_policy))
+    text = render_prompt(tokenizer, "Hello?")
+    assert text.startswith("<|im_start|>user\nHello?") and text.endswith("<|im_start|>assistant\n")

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from backend.models import load_encoder
+from backend.reward import RewardModel, TextEncoder, bradley_terry_loss, is_held_out, ranking_confidence
+from backend.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    store.create_schema()
+    return store
+
+
+@pytest.fixture
+def encoder(tiny_encoder, store):
+    model, tokenizer = load_encoder(str(tiny_encoder))
+    return TextEncoder(model, tokenizer, name="tiny", store=store)
+
+
+def test_bradley_terry_loss_matches_hand_computed_value():
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    expected = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(0.5)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_margin_raises_the_loss_of_a_narrow_win():
+    r_c, r_r = torch.tensor([1.0]), torch.tensor([0.5])
+    assert bradley_terry_loss(r_c, r_r, torch.tensor([1.0])) > bradley_terry_loss(r_c, r_r, torch.tensor([0.0]))
+
+
+def test_ranking_confidence_is_half_for_ties_and_grows_with_gaps():
+    assert ranking_confidence([0.0, 0.0, 0.0]) == pytest.approx(0.5)
+    assert ranking_confidence([3.0, 0.0]) > ranking_confidence([1.0, 0.0]) > 0.5
+
+
+def test_embeddings_are_cached_in_the_store_for_other_processes(encoder, store):
+    first = encoder.embed(["hello world", "bake bread"])
+    other = TextEncoder(encoder.model, encoder.tokenizer, name="tiny", store=store)
+    other._embed_uncached = lambda texts: pytest.fail(f"recomputed {texts}")  # a cache hit never embeds
+    assert torch.allclose(torch.from_numpy(other.embed(["bake bread", "hello world"])), torch.from_numpy(first[::-1].copy()))
+
+
+def test_fitting_learns_a_consistent_preference(encoder):
+    prompts = [f"question {i}?" for i in range(40)]
+    chosen = [f"the answer is {i} days in a week" for i in range(40)]
+    rejected = ["I am sorry, I cannot help with that." for _ in range(40)]
+    model = RewardModel(encoder)
+    result = model.fit(prompts, chosen, rejected, [0.0] * 40)
+    fitted = RewardModel(encoder, result.weights)
+    assert result.train_accuracy == 1.0
+    good, bad = fitted.score(["question 99?"] * 2, ["the answer is 99 days in a week", "I am sorry, I cannot help."])
+    assert good > bad
+
+
+def test_held_out_split_is_by_prompt_and_about_a_fifth():
+    prompts = [f"prompt number {i}" for i in range(2000)]
+    held = sum(is_held_out(p) for p in prompts)
+    assert 300 < held < 500
+    assert all(is_held_out(p) == is_held_out(p) for p in prompts[:10])
+
+
+def test_saved_head_loads_back_and_refuses_another_encoder(encoder, tmp_path):
+    model = RewardModel(encoder, torch.randn(2 * encoder.dim + 1))
+    model.save(tmp_path / "v0001")
+    loaded = RewardModel.load(tmp_path / "v0001", encoder)
+    assert torch.equal(loaded.weights, model.weights)
+    other = TextEncoder(encoder.model, encoder.tokenizer, name="other-encoder", store=None)
+    with pytest.raises(ValueError, match="REWARD_MODEL"):
+        RewardModel.load(tmp_path / "v0001", other)

@@ -1,0 +1,70 @@
+import pytest
+
+from backend.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    store.create_schema()
+    return store
+
+
+def test_a_burst_of_jobs_of_one_kind_folds_into_one_queued_job(store):
+    ids = {store.enqueue("generate", 1, task_ids=[i]) for i in range(5)}
+    assert len(ids) == 1
+    job = store.claim_job("w")
+    assert job.payload["task_ids"] == [0, 1, 2, 3, 4]
+    assert store.claim_job("w") is None
+
+
+def test_jobs_are_claimed_most_urgent_first_and_only_once(store):
+    store.enqueue("train_policy", None)
+    store.enqueue("generate", 1, task_ids=[1])
+    store.enqueue("fit_reward", None)
+    kinds = [store.claim_job(f"w{i}").kind for i in range(3)]
+    assert kinds == ["fit_reward", "generate", "train_policy"]
+    assert store.claim_job("w9") is None
+
+
+def test_a_job_queued_while_another_runs_is_a_new_job(store):
+    first = store.enqueue("fit_reward", None)
+    store.claim_job("w")
+    assert store.enqueue("fit_reward", None) != first
+
+
+def test_jobs_left_running_by_a_killed_worker_are_requeued(store):
+    store.enqueue("fit_reward", None)
+    store.claim_job("dead-worker")
+    assert store.requeue_running_jobs() == 1
+    assert store.claim_job("new-worker").kind == "fit_reward"
+
+
+def test_failed_job_keeps_its_reason(store):
+    store.enqueue("fit_reward", None)
+    job = store.claim_job("w")
+    store.finish_job(job.id, error="ValueError: boom")
+    assert store.jobs()[0]["error"] == "ValueError: boom" and store.job_counts() == {"failed": 1}
+
+
+def test_next_version_counts_up_per_kind(store):
+    store.publish_version("policy", 0, "/p0", 0, {})
+    assert store.next_version("policy") == 1 and store.next_version("reward") == 0
+    store.publish_version("policy", 1, "/p1", 6, {})
+    assert store.latest_version("policy").path == "/p1" and store.latest_version("policy").pairs_seen == 6
+
+
+def test_publishing_the_same_version_twice_fails_loudly(store):
+    store.publish_version("reward", 1, "/r1", 3, {})
+    with pytest.raises(Exception, match="UNIQUE"):
+        store.publish_version("reward", 1, "/other", 3, {})
+
+
+def test_replacing_an_annotations_pairs_is_idempotent(store):
+    pair = dict(project_id=1, task_id=2, annotator=3, prompt="p", chosen="a", rejected="b", margin=0.0,
+                chosen_policy_version=0, rejected_policy_version=0)
+    store.replace_annotation_pairs(10, [pair, pair])
+    store.replace_annotation_pairs(10, [pair])
+    store.replace_annotation_pairs(11, [pair])
+    assert store.pair_count() == 2
+    assert store.delete_annotation_pairs([10]) == 1 and store.pair_count() == 1
