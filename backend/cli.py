@@ -24,6 +24,7 @@ def _settings():
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio request drowns the story
 
 
 @cli.command()

@@ -34,7 +34,7 @@ PROMPTS = [
     "What is a good first programming language?",
     "How many continents are there?",
 ]
-ANNOTATED_TASKS = 3
+ANNOTATED_TASKS = 4  # 4 rankings of 4 candidates: 24 pairs, past the default PPO_TRIGGER_PAIRS=20
 
 
 def hidden_preference(body: str) -> tuple:
