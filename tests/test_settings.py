@@ -32,3 +32,17 @@ def test_settings_are_frozen():
     settings = load_settings({})
     with pytest.raises(Exception):
         settings.num_candidates = 8
+
+
+def test_readme_documents_every_setting_with_its_default():
+    import re
+    from pathlib import Path
+
+    from backend.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", readme, flags=re.M))
+    for name, field in Settings.model_fields.items():
+        assert name.upper() in rows, f"README lacks a row for {name.upper()}"
+        default = str(field.default) if field.default != "" else "(empty)"
+        assert rows[name.upper()].strip().strip("`") == default, name.upper()
