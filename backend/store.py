@@ -8,6 +8,7 @@ Nothing here is cached in process memory, so every process sees every other's wr
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import uuid
@@ -15,13 +16,21 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
 
 from sqlalchemy import (
     JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint, create_engine, delete, event, func,
     select, update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _now() -> datetime:
@@ -84,6 +93,8 @@ class JobRow(Base):
     payload: Mapped[dict] = mapped_column(JSON, default=dict)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued|running|done|failed
+    # "kind:project" while the job may absorb or block twins; unique, so two processes cannot queue twins
+    active_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -109,7 +120,9 @@ class EventRow(Base):
 
 
 # Lower runs first: a reward refit takes milliseconds and makes /predict current, PPO takes minutes.
-JOB_PRIORITY = {"fit_reward": 0, "generate": 1, "regenerate": 1, "train_policy": 2}
+JOB_PRIORITY = {"sync": 0, "fit_reward": 0, "generate": 1, "regenerate": 1, "train_policy": 2}
+# Kinds of which at most one may be queued or running at a time: one trigger, one PPO run.
+EXCLUSIVE_KINDS = {"train_policy"}
 
 
 @dataclass(frozen=True)
@@ -148,7 +161,12 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Bring the database to the newest schema with Alembic; safe to call from several processes at once."""
+        with _migration_lock(self.engine), self.engine.begin() as connection:
+            config = AlembicConfig()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            alembic_command.upgrade(config, "head")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -252,23 +270,28 @@ class Store:
 
     # --- jobs: a durable queue the worker processes claim from ---
     def enqueue(self, kind: str, project_id: int | None, task_ids: Iterable[int] = (), **payload) -> int:
-        """Queue a job, or fold it into the same kind's queued job for the project (a burst makes one job)."""
-        task_ids = sorted(set(task_ids))
-        with self.session() as s:
-            queued = s.scalars(
-                select(JobRow).where(JobRow.kind == kind, JobRow.project_id == project_id, JobRow.state == "queued")
-            ).first()
-            if queued is not None:
-                merged = dict(queued.payload)
-                merged.update(payload)
-                merged["task_ids"] = sorted(set(merged.get("task_ids", [])) | set(task_ids))
-                queued.payload = merged
-                return queued.id
-            job = JobRow(kind=kind, project_id=project_id, priority=JOB_PRIORITY.get(kind, 5),
-                         payload={**payload, "task_ids": task_ids})
-            s.add(job)
-            s.flush()
-            return job.id
+        """Queue a job, or fold it into the same kind's queued job for the project (a burst makes one job).
+
+        For EXCLUSIVE_KINDS a job that is already queued or running absorbs the request. The unique
+        `active_key` makes this hold across processes: of two racing inserts, one fails and folds.
+        """
+        key = f"{kind}:{project_id}"
+        for _ in range(3):
+            try:
+                with self.session() as s:
+                    active = s.scalars(select(JobRow).where(JobRow.active_key == key)).first()
+                    if active is not None:
+                        if active.state == "queued":
+                            active.payload = _merge_payload(active.payload, task_ids, payload)
+                        return active.id
+                    job = JobRow(kind=kind, project_id=project_id, priority=JOB_PRIORITY.get(kind, 5),
+                                 payload=_merge_payload({}, task_ids, payload), active_key=key)
+                    s.add(job)
+                    s.flush()
+                    return job.id
+            except IntegrityError:  # another process queued the twin between our read and write
+                continue
+        raise RuntimeError(f"could not queue a {kind} job for project {project_id}: the store keeps conflicting")
 
     def has_active_job(self, kind: str) -> bool:
         with self.session() as s:
@@ -290,12 +313,14 @@ class Store:
             if not claimed.rowcount:
                 return None
             row = s.scalars(select(JobRow).where(JobRow.claimed_by == token)).one()
+            if row.kind not in EXCLUSIVE_KINDS:  # a running job no longer absorbs new work: its twin may queue
+                row.active_key = None
             return Job(id=row.id, kind=row.kind, project_id=row.project_id, payload=dict(row.payload))
 
     def finish_job(self, job_id: int, error: str | None = None) -> None:
         with self.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(
-                state="failed" if error else "done", error=error, finished_at=_now()))
+                state="failed" if error else "done", error=error, finished_at=_now(), active_key=None))
 
     def requeue_running_jobs(self) -> int:
         """Jobs a killed worker left running go back to the queue (called when a worker starts)."""
@@ -335,6 +360,31 @@ class Store:
             rows = s.scalars(select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id).limit(limit))
             return [{"id": r.id, "kind": r.kind, "message": r.message, "data": r.data,
                      "at": r.created_at.isoformat()} for r in rows]
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Serialise migrations of one SQLite file across processes (gunicorn workers start together).
+
+    Other databases take Alembic's own transactional DDL; run `rlhf-backend worker` once first there.
+    """
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.migrate-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _merge_payload(old: dict, task_ids: Iterable[int], extra: dict) -> dict:
+    merged = {**old, **extra}
+    merged["task_ids"] = sorted(set(old.get("task_ids", [])) | set(task_ids))
+    return merged
 
 
 def _version(row: ModelVersionRow) -> ModelVersion:

@@ -99,8 +99,7 @@ def on_start_training(store: Store, payload: dict) -> dict:
     """Label Studio's "Start training": refit the reward model, then run PPO regardless of the pair count."""
     project_id, _ = project_schema(store, _object(payload, "project"))
     store.enqueue("fit_reward", None)
-    if not store.has_active_job("train_policy"):
-        store.enqueue("train_policy", project_id)
+    store.enqueue("train_policy", project_id)  # absorbed by a run already queued or running
     return {"queued": "train_policy"}
 
 

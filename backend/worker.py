@@ -125,7 +125,7 @@ class Worker:
     def queue_policy_update_if_due(self, project_id: int | None) -> None:
         latest = self.store.latest_version("policy")
         new_pairs = self.store.pair_count() - (latest.pairs_seen if latest else 0)
-        if new_pairs >= self.settings.ppo_trigger_pairs and not self.store.has_active_job("train_policy"):
+        if new_pairs >= self.settings.ppo_trigger_pairs and not self.store.has_active_job("train_policy"):  # log once
             self.store.enqueue("train_policy", project_id)
             self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: PPO queued")
 

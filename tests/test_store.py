@@ -68,3 +68,35 @@ def test_replacing_an_annotations_pairs_is_idempotent(store):
     store.replace_annotation_pairs(11, [pair])
     assert store.pair_count() == 2
     assert store.delete_annotation_pairs([10]) == 1 and store.pair_count() == 1
+
+
+def test_only_one_policy_update_is_queued_or_running_at_a_time(store):
+    first = store.enqueue("train_policy", None)
+    assert store.enqueue("train_policy", None) == first
+    store.claim_job("w")
+    assert store.enqueue("train_policy", None) == first  # the running run absorbs the trigger
+    store.finish_job(first)
+    assert store.enqueue("train_policy", None) != first
+
+
+def test_twin_jobs_queued_from_two_processes_fold_into_one(tmp_path):
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    Store(url).create_schema()
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.starmap(_enqueue_in_another_process, [(url, i) for i in range(16)])
+    assert len(set(ids)) == 1
+    job = Store(url).claim_job("w")
+    assert job.payload["task_ids"] == list(range(16))
+
+
+def _enqueue_in_another_process(url: str, task_id: int) -> int:
+    return Store(url).enqueue("generate", 1, task_ids=[task_id])
+
+
+def test_schema_migrations_are_safe_to_run_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    Store(url).create_schema()
+    Store(url).create_schema()
+    assert Store(url).pair_count() == 0
