@@ -144,11 +144,19 @@ class ModelVersion:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets readers (web workers) run beside the one writer; busy_timeout makes writers wait, not fail.
+    # pysqlite starts transactions lazily at the first write, so a read-modify-write of two processes
+    # would interleave and lose an update; we issue BEGIN ourselves (see _begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _begin(connection) -> None:
+    # IMMEDIATE takes the write lock up front, so the reads of a writing transaction cannot go stale.
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get("immediate") else "BEGIN")
 
 
 class Store:
@@ -158,7 +166,8 @@ class Store:
         self.engine: Engine = create_engine(url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            event.listen(self.engine, "begin", _begin)
+        self._sessions = sessionmaker(self.engine.execution_options(immediate=True), expire_on_commit=False)
 
     def create_schema(self) -> None:
         """Bring the database to the newest schema with Alembic; safe to call from several processes at once."""
@@ -279,7 +288,7 @@ class Store:
         for _ in range(3):
             try:
                 with self.session() as s:
-                    active = s.scalars(select(JobRow).where(JobRow.active_key == key)).first()
+                    active = s.scalars(select(JobRow).where(JobRow.active_key == key).with_for_update()).first()
                     if active is not None:
                         if active.state == "queued":
                             active.payload = _merge_payload(active.payload, task_ids, payload)
