@@ -67,6 +67,26 @@ def import_(file: Path = typer.Argument(..., help="Prompts: .jsonl ({\"prompt\":
 
 
 @cli.command()
+def sync(project: int = typer.Option(..., "--project", help="Label Studio project id")) -> None:
+    """Make the store's pairs equal to the project's annotations in Label Studio."""
+    from backend import labelstudio
+    from backend.store import Store
+    from backend.sync import sync_project
+
+    settings = _settings()
+    store = Store(settings.store_url)
+    store.create_schema()
+    try:
+        client = labelstudio.connect(settings.label_studio_url, settings.label_studio_api_key)
+        report = sync_project(store, client, project)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    store.enqueue("fit_reward", None)
+    typer.echo(f"project {project}: {report}")
+
+
+@cli.command()
 def demo(port: int = typer.Option(8080, help="Label Studio port"),
          backend_port: int = typer.Option(9090, help="Backend port")) -> None:
     """Start Label Studio and the backend, run a scripted annotator through the loop, keep both running."""

@@ -239,6 +239,10 @@ class Store:
             result = s.execute(delete(PairRow).where(PairRow.annotation_id.in_(list(annotation_ids))))
             return result.rowcount or 0
 
+    def annotation_ids(self, project_id: int) -> set[int]:
+        with self.session() as s:
+            return set(s.scalars(select(PairRow.annotation_id).where(PairRow.project_id == project_id).distinct()))
+
     def pairs(self, project_id: int | None = None) -> list[PairRow]:
         with self.session() as s:
             query = select(PairRow).order_by(PairRow.id)

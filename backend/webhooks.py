@@ -96,9 +96,9 @@ def on_annotations_deleted(store: Store, payload: dict) -> dict:
 
 
 def on_start_training(store: Store, payload: dict) -> dict:
-    """Label Studio's "Start training": refit the reward model, then run PPO regardless of the pair count."""
+    """Label Studio's "Start training": sync annotations, refit the reward model, run PPO whatever the pair count."""
     project_id, _ = project_schema(store, _object(payload, "project"))
-    store.enqueue("fit_reward", None)
+    store.enqueue("sync", project_id)  # runs before the refit and PPO (job priority)
     store.enqueue("train_policy", project_id)  # absorbed by a run already queued or running
     return {"queued": "train_policy"}
 

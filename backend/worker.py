@@ -31,6 +31,7 @@ from backend.registry import ModelRegistry
 from backend.reward import is_held_out
 from backend.settings import Settings
 from backend.store import Job, Store
+from backend.sync import sync_project
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Worker:
             "regenerate": self.regenerate,
             "fit_reward": self.fit_reward,
             "train_policy": self.train_policy,
+            "sync": self.sync,
         }.get(job.kind)
         if handler is None:
             raise ValueError(f"unknown job kind {job.kind!r}")
@@ -100,6 +102,14 @@ class Worker:
                  if t in versions and (versions[t] or 0) < current]
         if stale:
             self.generate(Job(job.id, "generate", job.project_id, {"task_ids": stale, "force": True}))
+
+    def sync(self, job: Job) -> None:
+        """Catch up with annotations made while no backend listened (webhooks are never retried)."""
+        before = self.store.pair_count()
+        report = sync_project(self.store, self.client, job.project_id)
+        self.store.log_event("sync", f"project {job.project_id} synced: {report}", project=job.project_id)
+        if self.store.pair_count() != before or report.removed_annotations:
+            self.store.enqueue("fit_reward", None)
 
     # --- reward model ---
     def fit_reward(self, job: Job) -> None:
@@ -205,6 +215,8 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     requeued = store.requeue_running_jobs()
     if requeued:
         log.warning("requeued %d job(s) left running by a stopped worker", requeued)
+    for project_id in store.project_ids():  # annotations made while no backend listened
+        store.enqueue("sync", project_id)
     worker = Worker(settings, store)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     log.info("worker %s ready", worker_id)
