@@ -86,6 +86,28 @@ def sync(project: int = typer.Option(..., "--project", help="Label Studio projec
     typer.echo(f"project {project}: {report}")
 
 
+policy_cli = typer.Typer(no_args_is_help=True, help="Policy versions.")
+cli.add_typer(policy_cli, name="policy")
+
+
+@policy_cli.command("rollback")
+def policy_rollback(version: int = typer.Argument(..., help="Policy version to serve again")) -> None:
+    """Serve an older policy again; unannotated tasks get candidates from it."""
+    from backend.store import Store
+
+    store = Store(_settings().store_url)
+    store.create_schema()
+    try:
+        retired = store.rollback("policy", version)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for project_id in store.project_ids():
+        store.enqueue("regenerate", project_id)
+    store.log_event("rollback", f"policy rolled back to v{version} ({retired} newer version(s) retired)")
+    typer.echo(f"policy v{version} is served again; {retired} newer version(s) retired")
+
+
 @cli.command()
 def demo(port: int = typer.Option(8080, help="Label Studio port"),
          backend_port: int = typer.Option(9090, help="Backend port")) -> None:

@@ -22,7 +22,7 @@ from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 
 from sqlalchemy import (
-    JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint, create_engine, delete, event, func,
+    JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint, create_engine, delete, event, func,
     select, update,
 )
 from sqlalchemy.engine import Engine
@@ -82,6 +82,7 @@ class ModelVersionRow(Base):
     path: Mapped[str] = mapped_column(Text)
     pairs_seen: Mapped[int] = mapped_column(Integer, default=0)  # pairs in the store when its run started
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    retired: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")  # rolled back: never served
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -140,6 +141,7 @@ class ModelVersion:
     path: str
     pairs_seen: int
     metrics: dict
+    retired: bool = False
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -264,6 +266,20 @@ class Store:
             s.add(ModelVersionRow(kind=kind, version=version, path=path, pairs_seen=pairs_seen, metrics=metrics))
         return version
 
+    def rollback(self, kind: str, version: int) -> int:
+        """Serve `version` again by retiring every newer one; returns how many were retired."""
+        with self.session() as s:
+            target = s.scalars(select(ModelVersionRow).where(
+                ModelVersionRow.kind == kind, ModelVersionRow.version == version)).first()
+            if target is None:
+                known = list(s.scalars(select(ModelVersionRow.version).where(ModelVersionRow.kind == kind)))
+                raise ValueError(f"no {kind} version {version}: known versions are {known}")
+            target.retired = False
+            result = s.execute(update(ModelVersionRow).where(
+                ModelVersionRow.kind == kind, ModelVersionRow.version > version, ModelVersionRow.retired.is_(False)
+            ).values(retired=True))
+            return result.rowcount or 0
+
     def next_version(self, kind: str) -> int:
         with self.session() as s:
             latest = s.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.kind == kind))
@@ -272,7 +288,8 @@ class Store:
     def latest_version(self, kind: str) -> ModelVersion | None:
         with self.session() as s:
             row = s.scalars(
-                select(ModelVersionRow).where(ModelVersionRow.kind == kind).order_by(ModelVersionRow.version.desc())
+                select(ModelVersionRow).where(ModelVersionRow.kind == kind, ModelVersionRow.retired.is_(False))
+                .order_by(ModelVersionRow.version.desc())
             ).first()
             return _version(row) if row else None
 
@@ -402,7 +419,7 @@ def _merge_payload(old: dict, task_ids: Iterable[int], extra: dict) -> dict:
 
 def _version(row: ModelVersionRow) -> ModelVersion:
     return ModelVersion(kind=row.kind, version=row.version, path=row.path, pairs_seen=row.pairs_seen,
-                        metrics=dict(row.metrics or {}))
+                        metrics=dict(row.metrics or {}), retired=bool(row.retired))
 
 
 def text_key(namespace: str, text: str) -> str:

@@ -95,11 +95,11 @@ class Worker:
                              policy_version=policy.version)
 
     def regenerate(self, job: Job) -> None:
-        """After a new policy: fresh candidates for tasks nobody annotated (annotated tasks keep theirs)."""
+        """After a new (or rolled-back) policy: fresh candidates for tasks nobody annotated; annotated tasks keep theirs."""
         current = self.registry.policy_version()
         versions = self.store.task_policy_versions(job.project_id)
         stale = [t for t in labelstudio.unannotated_task_ids(self.client, job.project_id)
-                 if t in versions and (versions[t] or 0) < current]
+                 if t in versions and versions[t] != current]  # != not <: a rollback serves an older version
         if stale:
             self.generate(Job(job.id, "generate", job.project_id, {"task_ids": stale, "force": True}))
 

@@ -100,3 +100,37 @@ def test_schema_migrations_are_safe_to_run_twice(tmp_path):
     Store(url).create_schema()
     Store(url).create_schema()
     assert Store(url).pair_count() == 0
+
+
+def test_rollback_serves_the_older_version_and_numbering_continues(store):
+    for v in range(3):
+        store.publish_version("policy", v, f"/p{v}", v, {})
+    assert store.rollback("policy", 1) == 1
+    assert store.latest_version("policy").version == 1
+    assert store.next_version("policy") == 3  # v2 stays on record, retired
+    assert [v.retired for v in store.versions("policy")] == [False, False, True]
+
+
+def test_rollback_to_an_unknown_version_names_the_known_ones(store):
+    store.publish_version("reward", 1, "/r1", 3, {})
+    with pytest.raises(ValueError, match=r"no reward version 7: known versions are \[1\]"):
+        store.rollback("reward", 7)
+
+
+def test_a_database_of_the_first_schema_is_migrated_in_place(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from backend.store import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    old = Store(url)
+    with old.engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.exec_driver_sql("INSERT INTO model_versions (kind, version, path, pairs_seen, metrics, created_at) "
+                                   "VALUES ('policy', 0, '/base', 0, '{}', '2026-01-01')")
+    Store(url).create_schema()
+    assert Store(url).latest_version("policy").path == "/base"

@@ -1,0 +1,57 @@
+"""The rlhf-backend command: its errors are one line with exit code 2, its effects land in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from backend.cli import cli
+from backend.settings import load_settings
+from backend.store import Store
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    return {"MODEL_DIR": str(tmp_path / "model_dir"), "LABEL_STUDIO_API_KEY": "x" * 40}
+
+
+def run(env: dict, *args: str):
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def test_bad_setting_stops_with_one_line_and_exit_code_2(env):
+    result = run({**env, "NUM_CANDIDATES": "many"}, "sync", "--project", "1")
+    assert result.exit_code == 2
+    assert "NUM_CANDIDATES" in result.output and "'many'" in result.output
+
+
+def test_import_of_a_missing_file_says_which_file(env, tmp_path):
+    result = run(env, "import", str(tmp_path / "nope.jsonl"), "--project", "1")
+    assert result.exit_code == 2 and "nope.jsonl" in result.output and "does not exist" in result.output
+
+
+def test_import_of_a_malformed_jsonl_line_names_the_line(env, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    result = run(env, "import", str(bad), "--project", "1")
+    assert result.exit_code == 2 and "prompts.jsonl:2" in result.output
+
+
+def test_policy_rollback_serves_the_older_version_and_queues_regeneration(env):
+    store = Store(load_settings(env).store_url)
+    store.create_schema()
+    store.save_project(3, "<View/>")
+    for v in range(3):
+        store.publish_version("policy", v, f"/p{v}", 0, {})
+    result = run(env, "policy", "rollback", "1")
+    assert result.exit_code == 0, result.output
+    assert store.latest_version("policy").version == 1
+    job = store.claim_job("t")
+    assert (job.kind, job.project_id) == ("regenerate", 3)
+
+
+def test_policy_rollback_to_unknown_version_fails_with_the_known_ones(env):
+    result = run(env, "policy", "rollback", "9")
+    assert result.exit_code == 2 and "no policy version 9" in result.output
