@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+
 from backend.labelconfig import LabelConfigError, RankingSchema, parse_ranking_schema
 from backend.preferences import AnnotationError, annotation_pairs
 from backend.store import Store
@@ -20,76 +22,119 @@ class PayloadError(ValueError):
     """A request body that does not match what Label Studio sends; the message says which field."""
 
 
-def _object(payload: dict, key: str) -> dict:
-    value = payload.get(key)
-    if not isinstance(value, dict):
-        raise PayloadError(f"'{key}' must be a JSON object, got {type(value).__name__}")
-    return value
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")  # Label Studio sends many fields the loop does not use
 
 
-def _id(obj: dict, what: str) -> int:
-    value = obj.get("id")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PayloadError(f"{what} needs an integer 'id', got {value!r}")
-    return value
+class ProjectRef(_Record):
+    id: StrictInt
+    label_config: str | None = None
 
 
-def project_schema(store: Store, project: dict) -> tuple[int, RankingSchema]:
-    """The project's id and ranking schema, from the payload's label config or the one stored at /setup."""
-    project_id = _id(project, "project")
-    config = project.get("label_config") or store.label_config(project_id)
+class TaskRecord(_Record):
+    id: StrictInt
+    data: dict
+
+
+class ResultItem(_Record):
+    from_name: str
+    type: str = ""
+    value: dict
+
+
+class AnnotationRecord(_Record):
+    id: StrictInt
+    result: list[ResultItem] = []
+    was_cancelled: bool = False
+    completed_by: StrictInt | dict | None = None  # a user id; some Label Studio versions send the user object
+
+    @property
+    def annotator(self) -> int | None:
+        user = self.completed_by
+        return user.get("id") if isinstance(user, dict) and isinstance(user.get("id"), int) else (
+            user if isinstance(user, int) else None)
+
+
+class IdRef(_Record):
+    id: StrictInt
+
+
+class TasksCreated(BaseModel):
+    project: ProjectRef
+    tasks: list[TaskRecord]
+
+
+class AnnotationSaved(BaseModel):
+    project: ProjectRef
+    annotation: AnnotationRecord
+    task: TaskRecord
+
+
+class AnnotationsDeleted(BaseModel):
+    annotations: list[IdRef]
+
+
+class StartTraining(BaseModel):
+    project: ProjectRef
+
+
+def parse(model: type[BaseModel], payload: dict):
+    """The payload as `model`, or a PayloadError naming the first bad field in one line."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        raise PayloadError(f"{where}: {error['msg']}") from None
+
+
+def project_schema(store: Store, project: ProjectRef) -> RankingSchema:
+    """The project's ranking schema, from the payload's label config or the one stored at /setup."""
+    config = project.label_config or store.label_config(project.id)
     if not config:
-        raise PayloadError(f"project {project_id} has no label_config and none was stored: connect the backend again")
+        raise PayloadError(f"project {project.id} has no label_config and none was stored: connect the backend again")
     try:
         schema = parse_ranking_schema(config)
     except LabelConfigError as exc:
         raise PayloadError(str(exc)) from None
-    store.save_project(project_id, config)
-    return project_id, schema
+    store.save_project(project.id, config)
+    return schema
 
 
 def on_tasks_created(store: Store, payload: dict) -> dict:
     """Record new tasks and queue candidate generation for those without candidates."""
-    project_id, schema = project_schema(store, _object(payload, "project"))
-    tasks = payload.get("tasks")
-    if not isinstance(tasks, list):
-        raise PayloadError(f"'tasks' must be a list, got {type(tasks).__name__}")
+    event = parse(TasksCreated, payload)
+    schema = project_schema(store, event.project)
     pending = []
-    for task in tasks:
-        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-            raise PayloadError("each task needs an integer 'id' and a 'data' object")
-        task_id = _id(task, "task")
-        store.save_task(project_id, task_id, task["data"])
-        if not task["data"].get(schema.candidates_field):
-            pending.append(task_id)
+    for task in event.tasks:
+        store.save_task(event.project.id, task.id, task.data)
+        if not task.data.get(schema.candidates_field):
+            pending.append(task.id)
     if pending:
-        store.enqueue("generate", project_id, task_ids=pending)
+        store.enqueue("generate", event.project.id, task_ids=pending)
     return {"queued_tasks": len(pending)}
 
 
 def on_annotation_saved(store: Store, payload: dict) -> dict:
     """ANNOTATION_CREATED/UPDATED: the annotation's pairs replace any it had; a reward refit is queued."""
-    project_id, schema = project_schema(store, _object(payload, "project"))
-    annotation, task = _object(payload, "annotation"), _object(payload, "task")
-    annotation_id, _ = _id(annotation, "annotation"), _id(task, "task")
+    event = parse(AnnotationSaved, payload)
+    schema = project_schema(store, event.project)
+    annotation = {**event.annotation.model_dump(), "completed_by": event.annotation.annotator}
     try:
-        pairs = annotation_pairs(annotation, task, schema, project_id)
+        pairs = annotation_pairs(annotation, event.task.model_dump(), schema, event.project.id)
     except AnnotationError as exc:
-        log.warning("refused annotation %s: %s", annotation_id, exc)
+        log.warning("refused annotation %s: %s", event.annotation.id, exc)
         raise PayloadError(str(exc)) from None
-    store.replace_annotation_pairs(annotation_id, [p.as_row() for p in pairs])
+    store.replace_annotation_pairs(event.annotation.id, [p.as_row() for p in pairs])
     store.enqueue("fit_reward", None)
-    store.log_event("pairs", f"annotation {annotation_id} on task {task['id']} gave {len(pairs)} pairs",
-                    annotation=annotation_id, pairs=len(pairs))
+    store.log_event("pairs", f"annotation {event.annotation.id} on task {event.task.id} gave {len(pairs)} pairs",
+                    annotation=event.annotation.id, pairs=len(pairs))
     return {"pairs": len(pairs)}
 
 
 def on_annotations_deleted(store: Store, payload: dict) -> dict:
-    annotations = payload.get("annotations")
-    if not isinstance(annotations, list):
-        raise PayloadError(f"'annotations' must be a list of {{\"id\": N}}, got {type(annotations).__name__}")
-    ids = [_id(a, "annotation") if isinstance(a, dict) else _id({}, "annotation") for a in annotations]
-    removed = store.delete_annotation_pairs(ids)
+    event = parse(AnnotationsDeleted, payload)
+    removed = store.delete_annotation_pairs([a.id for a in event.annotations])
     if removed:
         store.enqueue("fit_reward", None)
     return {"removed_pairs": removed}
@@ -97,9 +142,10 @@ def on_annotations_deleted(store: Store, payload: dict) -> dict:
 
 def on_start_training(store: Store, payload: dict) -> dict:
     """Label Studio's "Start training": sync annotations, refit the reward model, run PPO whatever the pair count."""
-    project_id, _ = project_schema(store, _object(payload, "project"))
-    store.enqueue("sync", project_id)  # runs before the refit and PPO (job priority)
-    store.enqueue("train_policy", project_id)  # absorbed by a run already queued or running
+    event = parse(StartTraining, payload)
+    project_schema(store, event.project)
+    store.enqueue("sync", event.project.id)  # runs before the refit and PPO (job priority)
+    store.enqueue("train_policy", event.project.id)  # absorbed by a run already queued or running
     return {"queued": "train_policy"}
 
 
