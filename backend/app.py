@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+from dataclasses import asdict
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
 from backend import __version__
+from backend.agreement import annotator_consistency, pairwise_agreement
 from backend.labelconfig import LabelConfigError, parse_ranking_schema
 from backend.predictions import rank_prediction
 from backend.registry import ModelRegistry
@@ -98,9 +100,12 @@ def create_app(settings: Settings) -> Flask:
 
     @app.get("/status")
     def status():
+        pairs = store.pairs()
         return jsonify(
             model_version=registry.model_version(),
-            pairs=store.pair_count(),
+            pairs=len(pairs),
+            agreement={"pairwise": asdict(pairwise_agreement(pairs)),
+                       "annotators": {str(who): asdict(a) for who, a in annotator_consistency(pairs).items()}},
             policy_versions=[vars(v) for v in store.versions("policy")],
             reward_versions=[vars(v) for v in store.versions("reward")],
             jobs=store.job_counts(),

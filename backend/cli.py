@@ -86,6 +86,24 @@ def sync(project: int = typer.Option(..., "--project", help="Label Studio projec
     typer.echo(f"project {project}: {report}")
 
 
+@cli.command()
+def export(project: int = typer.Option(..., "--project", help="Label Studio project id"),
+           fmt: str = typer.Option("trl", "--format", help="trl: JSON Lines for trl; hf: a datasets directory"),
+           out: Path = typer.Option(None, "--out", help="File (trl) or directory (hf); trl defaults to stdout")) -> None:
+    """Write the project's preference pairs (prompt/chosen/rejected/margin) from the store; no Label Studio needed."""
+    from backend.export import export_pairs
+    from backend.store import Store
+
+    store = Store(_settings().store_url)
+    store.create_schema()
+    try:
+        count = export_pairs(store.pairs(project), fmt, out or sys.stdout)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {count} pairs of project {project} to {out or 'stdout'}", err=True)
+
+
 policy_cli = typer.Typer(no_args_is_help=True, help="Policy versions.")
 cli.add_typer(policy_cli, name="policy")
 

@@ -89,7 +89,7 @@ def _jsonl_prompt(line: str, path: Path, number: int) -> str:
 
 def prompt_tasks(prompts: list[str], schema: RankingSchema) -> list[dict]:
     """Import records: Label Studio refuses a task without the candidate field, so it starts empty."""
-    return [{"data": {schema.prompt_field: p, schema.candidates_field: []}} for p in prompts]
+    return [{"data": {schema.prompt_field: p, **schema.candidate_data([])}} for p in prompts]
 
 
 def import_prompts(client: LabelStudio, project_id: int, prompts: list[str], schema: RankingSchema) -> list[int]:

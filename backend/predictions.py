@@ -6,15 +6,16 @@ order) lets Label Studio sort tasks so annotators see the ones the model is leas
 
 from __future__ import annotations
 
-from backend.labelconfig import RankingSchema
+from backend.labelconfig import RANKER, RankingSchema
 from backend.reward import RewardModel, ranking_confidence
 
 
 def rank_prediction(task: dict, schema: RankingSchema, reward: RewardModel, model_version: str) -> dict:
     """One `{"result", "score", "model_version"}` entry: the task's candidates, best first."""
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
-    candidates = [c for c in data.get(schema.candidates_field) or [] if isinstance(c, dict) and "id" in c]
-    if not candidates or schema.buckets:  # which bucket a score means is the annotators' call, not ours
+    candidates = [c for c in schema.candidate_items(data) if isinstance(c.get("id"), str)]
+    # Pre-ordering is what a Ranker shows; which bucket, side or stars a score means is the annotators' call
+    if not candidates or schema.kind != RANKER:
         return {"result": [], "score": 0.0, "model_version": model_version}
     prompt = str(data.get(schema.prompt_field, ""))
     scores = reward.score([prompt] * len(candidates), [str(c.get("body", "")) for c in candidates])

@@ -29,6 +29,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from backend import ledger
+
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -57,6 +59,19 @@ class TaskRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
 
 
+class AnnotationRow(Base):
+    """The newest version of each annotation the loop has seen, or its tombstone (see backend/ledger.py)."""
+
+    __tablename__ = "annotations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # Label Studio annotation id, never reused
+    project_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # of the kept version
+    fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)  # a tombstone: no later save revives it
+    refused: Mapped[str | None] = mapped_column(Text, nullable=True)  # why the kept version gave no pairs
+
+
 class PairRow(Base):
     __tablename__ = "preference_pairs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -68,6 +83,8 @@ class PairRow(Base):
     chosen: Mapped[str] = mapped_column(Text)
     rejected: Mapped[str] = mapped_column(Text)
     margin: Mapped[float] = mapped_column(Float, default=0.0)
+    chosen_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # candidate ids within the task
+    rejected_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     chosen_policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rejected_policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -229,21 +246,36 @@ class Store:
                 query = query.where(TaskRow.project_id == project_id)
             return [dict(d) for d in s.scalars(query)]
 
-    # --- preference pairs ---
-    def replace_annotation_pairs(self, annotation_id: int, pairs: list[dict]) -> None:
-        """Make `pairs` the annotation's only pairs: a repeated or updated event leaves one copy."""
+    # --- annotations and their preference pairs ---
+    def apply_annotation_event(self, event: ledger.Event) -> bool:
+        """Apply one annotation event by the ledger's rules; False when the store already holds newer."""
         with self.session() as s:
-            s.execute(delete(PairRow).where(PairRow.annotation_id == annotation_id))
-            s.add_all(PairRow(annotation_id=annotation_id, **p) for p in pairs)
-
-    def delete_annotation_pairs(self, annotation_ids: Iterable[int]) -> int:
-        with self.session() as s:
-            result = s.execute(delete(PairRow).where(PairRow.annotation_id.in_(list(annotation_ids))))
-            return result.rowcount or 0
+            if isinstance(event, ledger.AnnotationsDeleted):
+                for annotation_id in event.annotation_ids:
+                    s.merge(AnnotationRow(id=annotation_id, project_id=event.project_id, task_id=None,
+                                          updated_at=None, fingerprint="", deleted=True, refused=None))
+                s.execute(delete(PairRow).where(PairRow.annotation_id.in_(event.annotation_ids)))
+                return True
+            row = s.get(AnnotationRow, event.annotation_id)
+            if not ledger.accepts(_annotation_record(row), event):
+                return False
+            s.merge(AnnotationRow(id=event.annotation_id, project_id=event.project_id, task_id=event.task_id,
+                                  updated_at=event.updated_at, fingerprint=event.fingerprint, deleted=False,
+                                  refused=event.refused))
+            s.execute(delete(PairRow).where(PairRow.annotation_id == event.annotation_id))
+            s.add_all(PairRow(**{**pair.as_row(), "annotation_id": event.annotation_id}) for pair in event.pairs)
+            return True
 
     def annotation_ids(self, project_id: int) -> set[int]:
+        """Live (not deleted) annotations of the project, with or without pairs."""
         with self.session() as s:
-            return set(s.scalars(select(PairRow.annotation_id).where(PairRow.project_id == project_id).distinct()))
+            query = select(AnnotationRow.id).where(AnnotationRow.project_id == project_id,
+                                                   AnnotationRow.deleted.is_(False))
+            return set(s.scalars(query))
+
+    def annotation_records(self) -> dict[int, ledger.AnnotationRecord]:
+        with self.session() as s:
+            return {row.id: _annotation_record(row) for row in s.scalars(select(AnnotationRow))}
 
     def pairs(self, project_id: int | None = None) -> list[PairRow]:
         with self.session() as s:
@@ -415,6 +447,16 @@ def _merge_payload(old: dict, task_ids: Iterable[int], extra: dict) -> dict:
     merged = {**old, **extra}
     merged["task_ids"] = sorted(set(old.get("task_ids", [])) | set(task_ids))
     return merged
+
+
+def _annotation_record(row: AnnotationRow | None) -> ledger.AnnotationRecord | None:
+    if row is None:
+        return None
+    stamp = row.updated_at
+    if stamp is not None and stamp.tzinfo is None:  # SQLite keeps no time zone; the ledger's stamps are UTC
+        stamp = stamp.replace(tzinfo=UTC)
+    return ledger.AnnotationRecord(row.id, row.project_id, row.task_id, stamp, row.fingerprint, row.deleted,
+                                   refused=row.refused)
 
 
 def _version(row: ModelVersionRow) -> ModelVersion:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 from label_studio_sdk import LabelStudio
 
-from backend import labelstudio
+from backend import labelstudio, ledger
 from backend.labelconfig import parse_ranking_schema
-from backend.preferences import AnnotationError, annotation_pairs
 from backend.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,20 +38,18 @@ def sync_project(store: Store, client: LabelStudio, project_id: int) -> SyncRepo
     config = client.projects.get(id=project_id).label_config
     store.save_project(project_id, config)
     schema = parse_ranking_schema(config)
-    seen, tasks, pairs, refused = set(), 0, 0, 0
-    for task in labelstudio.iter_tasks(client, project_id):
-        tasks += 1
+    # read before the tasks: an annotation created while we read is then absent from both and kept,
+    # instead of being taken for deleted (ledger.sync_events)
+    before = store.annotation_records()
+    tasks = list(labelstudio.iter_tasks(client, project_id))
+    for task in tasks:
         store.save_task(project_id, task["id"], task["data"])
-        for annotation in task.get("annotations") or []:
-            seen.add(annotation["id"])
-            try:
-                annotation_pair_list = annotation_pairs(annotation, task, schema, project_id)
-            except AnnotationError as exc:
-                log.warning("sync: refused annotation %s: %s", annotation["id"], exc)
-                refused += 1
-                annotation_pair_list = []
-            store.replace_annotation_pairs(annotation["id"], [p.as_row() for p in annotation_pair_list])
-            pairs += len(annotation_pair_list)
-    stale = store.annotation_ids(project_id) - seen
-    store.delete_annotation_pairs(stale)
-    return SyncReport(tasks, len(seen), pairs, len(stale), refused)
+    events = ledger.sync_events(before, ledger.exported_saves(tasks, schema, project_id), project_id)
+    for event in events:
+        store.apply_annotation_event(event)
+    saves = [e for e in events if isinstance(e, ledger.AnnotationSaved)]
+    for refused in (e for e in saves if e.refused):
+        log.warning("sync: refused annotation %s: %s", refused.annotation_id, refused.refused)
+    deleted = sum(len(e.annotation_ids) for e in events if isinstance(e, ledger.AnnotationsDeleted))
+    return SyncReport(tasks=len(tasks), annotations=len(saves), pairs=sum(len(e.pairs) for e in saves),
+                      removed_annotations=deleted, refused=sum(bool(e.refused) for e in saves))

@@ -2,7 +2,8 @@
 
 Each handler does only fast, durable bookkeeping (Label Studio waits 1 s and never retries):
 it records tasks or preference pairs and queues the slow work for the worker.
-Handlers are idempotent: a repeated event leaves the same state.
+Handlers are idempotent and order-free: a repeated, late or reordered event leaves the same state
+(the rules are backend/ledger.py's).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import logging
 
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
+from backend import ledger
 from backend.labelconfig import LabelConfigError, RankingSchema, parse_ranking_schema
-from backend.preferences import AnnotationError, annotation_pairs
+from backend.preferences import AnnotationError
 from backend.store import Store
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class AnnotationSaved(BaseModel):
 
 class AnnotationsDeleted(BaseModel):
     annotations: list[IdRef]
+    project: ProjectRef | None = None
 
 
 class StartTraining(BaseModel):
@@ -116,28 +119,33 @@ def on_tasks_created(store: Store, payload: dict) -> dict:
 
 
 def on_annotation_saved(store: Store, payload: dict) -> dict:
-    """ANNOTATION_CREATED/UPDATED: the annotation's pairs replace any it had; a reward refit is queued."""
+    """ANNOTATION_CREATED/UPDATED: the newest version's pairs replace the annotation's older ones."""
     event = parse(AnnotationSaved, payload)
     schema = project_schema(store, event.project)
     annotation = {**event.annotation.model_dump(), "completed_by": event.annotation.annotator}
     try:
-        pairs = annotation_pairs(annotation, event.task.model_dump(), schema, event.project.id)
-    except AnnotationError as exc:
-        log.warning("refused annotation %s: %s", event.annotation.id, exc)
+        saved = ledger.saved_event(annotation, event.task.model_dump(), schema, event.project.id)
+    except AnnotationError as exc:  # only a malformed updated_at gets here; a bad result is recorded as refused
         raise PayloadError(str(exc)) from None
-    store.replace_annotation_pairs(event.annotation.id, [p.as_row() for p in pairs])
-    store.enqueue("fit_reward", None)
-    store.log_event("pairs", f"annotation {event.annotation.id} on task {event.task.id} gave {len(pairs)} pairs",
-                    annotation=event.annotation.id, pairs=len(pairs))
-    return {"pairs": len(pairs)}
+    applied = store.apply_annotation_event(saved)
+    if applied:
+        store.enqueue("fit_reward", None)
+    if saved.refused:  # recorded first: the annotator's current answer replaces the older version's pairs
+        log.warning("refused annotation %s: %s", event.annotation.id, saved.refused)
+        raise PayloadError(saved.refused)
+    store.log_event("pairs", f"annotation {event.annotation.id} on task {event.task.id} gave {len(saved.pairs)} pairs"
+                    + ("" if applied else " (an older version than the store holds: ignored)"),
+                    annotation=event.annotation.id, pairs=len(saved.pairs), applied=applied)
+    return {"pairs": len(saved.pairs), "applied": applied}
 
 
 def on_annotations_deleted(store: Store, payload: dict) -> dict:
+    """ANNOTATIONS_DELETED (ids only): their pairs go, and a tombstone stops a late save reviving them."""
     event = parse(AnnotationsDeleted, payload)
-    removed = store.delete_annotation_pairs([a.id for a in event.annotations])
-    if removed:
-        store.enqueue("fit_reward", None)
-    return {"removed_pairs": removed}
+    ids = tuple(a.id for a in event.annotations)
+    store.apply_annotation_event(ledger.AnnotationsDeleted(ids, event.project.id if event.project else None))
+    store.enqueue("fit_reward", None)
+    return {"deleted_annotations": len(ids)}
 
 
 def on_start_training(store: Store, payload: dict) -> dict:

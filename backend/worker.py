@@ -79,18 +79,19 @@ class Worker:
         policy = self.registry.policy()
         started = time.perf_counter()
         ids = sorted(todo)
+        count = min(self.settings.num_candidates, schema.max_candidates or self.settings.num_candidates)
         candidates = generate_candidates(
             policy.model, policy.tokenizer, [str(todo[t].get(schema.prompt_field, "")) for t in ids],
-            num_candidates=self.settings.num_candidates, max_new_tokens=self.settings.max_new_tokens,
+            num_candidates=count, max_new_tokens=self.settings.max_new_tokens,
             policy_version=policy.version, temperature=self.settings.temperature,
             batch_size=self.settings.generation_batch_size,
         )
         for task_id, task_candidates in zip(ids, candidates):
-            data = {**todo[task_id], schema.candidates_field: [c.as_list_item() for c in task_candidates]}
+            data = {**todo[task_id], **schema.candidate_data([c.as_list_item() for c in task_candidates])}
             labelstudio.write_task_data(self.client, task_id, data)
             self.store.save_task(job.project_id, task_id, data, policy_version=policy.version)
         seconds = time.perf_counter() - started
-        self.store.log_event("candidates", f"policy v{policy.version} wrote {self.settings.num_candidates} candidates "
+        self.store.log_event("candidates", f"policy v{policy.version} wrote {count} candidates "
                              f"for {len(ids)} tasks in {seconds:.1f}s", project=job.project_id, tasks=ids,
                              policy_version=policy.version)
 

@@ -70,7 +70,9 @@ def test_annotations_deleted_removes_their_pairs(client, store):
     created = payload("webhook_ANNOTATION_CREATED_ranker")
     client.post("/webhook", json=created)
     deleted = {**payload("webhook_ANNOTATIONS_DELETED"), "annotations": [{"id": created["annotation"]["id"]}]}
-    assert client.post("/webhook", json=deleted).get_json()["removed_pairs"] == 3
+    assert client.post("/webhook", json=deleted).get_json()["deleted_annotations"] == 1
+    assert store.pair_count() == 0
+    assert client.post("/webhook", json=created).get_json()["applied"] is False  # a late save stays deleted
     assert store.pair_count() == 0
 
 
@@ -85,6 +87,17 @@ def test_annotation_ranking_unknown_candidate_is_refused_with_400(client, store)
     body["annotation"]["result"][0]["value"]["ranker"]["rank"] = ["c0", "c9"]
     response = client.post("/webhook", json=body)
     assert response.status_code == 400 and "c9" in response.get_json()["error"]
+    assert store.pair_count() == 0
+
+
+def test_an_update_that_cannot_be_read_clears_the_older_versions_pairs(client, store):
+    created = payload("webhook_ANNOTATION_CREATED_ranker")
+    client.post("/webhook", json=created)
+    updated = copy.deepcopy(created)
+    updated["action"] = "ANNOTATION_UPDATED"
+    updated["annotation"]["updated_at"] = "2030-01-01T00:00:00Z"
+    updated["annotation"]["result"][0]["value"]["ranker"]["rank"] = ["c0", "c9"]
+    assert client.post("/webhook", json=updated).status_code == 400
     assert store.pair_count() == 0
 
 
@@ -136,3 +149,15 @@ def test_metrics_expose_pair_count_from_the_store(client):
     client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))
     text = client.get("/metrics").get_data(as_text=True)
     assert "rlhf_preference_pairs 3.0" in text
+
+
+def test_status_reports_pairwise_agreement_between_two_annotators(client):
+    first = copy.deepcopy(payload("webhook_ANNOTATION_CREATED_ranker"))
+    second = copy.deepcopy(first)
+    second["annotation"].update(id=first["annotation"]["id"] + 1, completed_by=2)
+    second["annotation"]["result"][0]["value"]["ranker"]["rank"] = ["c2", "c0", "c1"]  # flips c0 vs c2 only
+    client.post("/webhook", json=first)
+    client.post("/webhook", json=second)
+    agreement = client.get("/status").get_json()["agreement"]
+    assert agreement["pairwise"] == {"rate": pytest.approx(2 / 3), "compared": 3}
+    assert set(agreement["annotators"]) == {"1", "2"}

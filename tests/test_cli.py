@@ -55,3 +55,37 @@ def test_policy_rollback_serves_the_older_version_and_queues_regeneration(env):
 def test_policy_rollback_to_unknown_version_fails_with_the_known_ones(env):
     result = run(env, "policy", "rollback", "9")
     assert result.exit_code == 2 and "no policy version 9" in result.output
+
+
+def _store_with_pairs(env: dict) -> Store:
+    from backend.ledger import AnnotationSaved
+    from backend.preferences import PreferencePair
+
+    store = Store(load_settings(env).store_url)
+    store.create_schema()
+    pair = PreferencePair(project_id=4, task_id=1, annotator=2, prompt="Q?", chosen="yes", rejected="no", margin=1.0,
+                          chosen_policy_version=0, rejected_policy_version=0, chosen_id="c0", rejected_id="c1")
+    store.apply_annotation_event(AnnotationSaved(9, 4, 1, None, (pair,)))
+    return store
+
+
+def test_export_writes_trl_jsonl_to_stdout_from_the_store_alone(env):
+    import json
+
+    _store_with_pairs(env)
+    result = CliRunner().invoke(cli, ["export", "--project", "4"], env=env)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert rows == [{"prompt": "Q?\n", "chosen": "yes", "rejected": "no", "margin": 1.0}]
+
+
+def test_export_hf_without_out_is_refused_with_the_fix(env):
+    _store_with_pairs(env)
+    result = run(env, "export", "--project", "4", "--format", "hf")
+    assert result.exit_code == 2 and "--out DIR" in result.output
+
+
+def test_export_of_unknown_format_names_the_supported_ones(env, tmp_path):
+    _store_with_pairs(env)
+    result = run(env, "export", "--project", "4", "--format", "csv", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "trl" in result.output and "hf" in result.output

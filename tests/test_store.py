@@ -60,14 +60,30 @@ def test_publishing_the_same_version_twice_fails_loudly(store):
         store.publish_version("reward", 1, "/other", 3, {})
 
 
-def test_replacing_an_annotations_pairs_is_idempotent(store):
-    pair = dict(project_id=1, task_id=2, annotator=3, prompt="p", chosen="a", rejected="b", margin=0.0,
-                chosen_policy_version=0, rejected_policy_version=0)
-    store.replace_annotation_pairs(10, [pair, pair])
-    store.replace_annotation_pairs(10, [pair])
-    store.replace_annotation_pairs(11, [pair])
-    assert store.pair_count() == 2
-    assert store.delete_annotation_pairs([10]) == 1 and store.pair_count() == 1
+def _saved(annotation_id: int, stamp: str, n_pairs: int = 1):
+    from backend.ledger import AnnotationSaved, parse_time
+    from backend.preferences import PreferencePair
+
+    pair = PreferencePair(project_id=1, task_id=2, annotator=3, prompt="p", chosen=stamp, rejected="b", margin=0.0,
+                          chosen_policy_version=0, rejected_policy_version=0, chosen_id="c0", rejected_id="c1")
+    return AnnotationSaved(annotation_id, 1, 2, parse_time(stamp), (pair,) * n_pairs)
+
+
+def test_a_repeated_save_keeps_one_copy_and_an_older_one_is_ignored(store):
+    assert store.apply_annotation_event(_saved(10, "2026-01-02T00:00:00Z", 2))
+    assert not store.apply_annotation_event(_saved(10, "2026-01-02T00:00:00Z", 2))
+    assert not store.apply_annotation_event(_saved(10, "2026-01-01T00:00:00Z"))
+    assert store.pair_count() == 2 and store.pairs()[0].chosen == "2026-01-02T00:00:00Z"
+    assert store.pairs()[0].chosen_id == "c0" and store.pairs()[0].annotation_id == 10
+
+
+def test_a_deleted_annotation_is_not_revived_by_a_late_save(store):
+    from backend.ledger import AnnotationsDeleted
+
+    store.apply_annotation_event(_saved(10, "2026-01-01T00:00:00Z"))
+    store.apply_annotation_event(AnnotationsDeleted((10,), 1))
+    assert not store.apply_annotation_event(_saved(10, "2026-02-01T00:00:00Z"))
+    assert store.pair_count() == 0 and store.annotation_ids(1) == set()
 
 
 def test_only_one_policy_update_is_queued_or_running_at_a_time(store):
