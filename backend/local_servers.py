@@ -91,19 +91,9 @@ def start_label_studio(data_dir: Path, port: int | None = None, timeout: float =
         raise FileNotFoundError(f"{LABEL_STUDIO_BIN} is missing: run `make install`")
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = data_dir / "label-studio.log"
-    process = subprocess.Popen(
-        [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir)],
-        env=label_studio_env(data_dir), stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=data_dir,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}/health", process, timeout, log)
-    except Exception:
-        stop(process)
-        raise
-    return Server(url, process, log)
+    command = [str(LABEL_STUDIO_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+               "--data-dir", str(data_dir)]
+    return _launch(command, port, data_dir / "label-studio.log", timeout, env=label_studio_env(data_dir), cwd=data_dir)
 
 
 def migrated_label_studio(data_dir: Path, port: int | None = None) -> Server:
@@ -123,11 +113,14 @@ def start_backend(env: dict, port: int | None = None, log: Path | None = None, t
     port = port or free_port()
     log = log or Path(env["MODEL_DIR"]) / "backend.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--workers", "2"],
-        env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-        start_new_session=True,
-    )
+    command = [sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--workers", "2"]
+    # its own session: one killpg reaches gunicorn, its web workers and the training worker
+    return _launch(command, port, log, timeout, env={**os.environ, **env}, cwd=ROOT, start_new_session=True)
+
+
+def _launch(command: list[str], port: int, log: Path, timeout: float, **popen) -> Server:
+    """Start `command`, logging to `log`, and wait until it answers GET /health on `port`."""
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, **popen)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{url}/health", process, timeout, log)
