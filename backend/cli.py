@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from backend.reward_cli import reward_app
 from backend.settings import SettingsError, load_settings
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="An RLHF loop inside Label Studio.")
@@ -103,6 +104,8 @@ def export(project: int = typer.Option(..., "--project", help="Label Studio proj
         raise typer.Exit(2) from None
     typer.echo(f"wrote {count} pairs of project {project} to {out or 'stdout'}", err=True)
 
+
+cli.add_typer(reward_app, name="reward")
 
 policy_cli = typer.Typer(no_args_is_help=True, help="Policy versions.")
 cli.add_typer(policy_cli, name="policy")

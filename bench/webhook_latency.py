@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from backend.local_servers import start_backend  # noqa: E402
 from tiny_models import build_tiny_encoder, build_tiny_policy  # noqa: E402
+
+from backend.local_servers import start_backend  # noqa: E402
 
 PAYLOAD = json.loads((ROOT.parent / "shared/label-studio/payloads/webhook_ANNOTATION_CREATED_ranker.json").read_text())["body"]
 

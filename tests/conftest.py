@@ -8,8 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from backend.local_servers import TOKEN, migrated_label_studio  # noqa: E402
 from tiny_models import build_tiny_encoder, build_tiny_policy  # noqa: E402
+
+from backend.local_servers import TOKEN, migrated_label_studio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOADS = ROOT.parent / "shared" / "label-studio" / "payloads"

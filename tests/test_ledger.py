@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 
 from backend.labelconfig import parse_ranking_schema
 from backend.ledger import (
-    AnnotationSaved, AnnotationsDeleted, accepts, apply, exported_saves, live_pairs, parse_time, replay, saved_event,
+    AnnotationSaved,
+    AnnotationsDeleted,
+    accepts,
+    apply,
+    exported_saves,
+    live_pairs,
+    parse_time,
+    replay,
+    saved_event,
     sync_events,
 )
 from backend.preferences import annotation_pairs

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from backend.local_servers import TOKEN, start_backend
 
 ROOT = Path(__file__).resolve().parents[1]

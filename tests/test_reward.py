@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from backend.models import load_encoder
-from backend.reward import RewardModel, TextEncoder, bradley_terry_loss, is_held_out, ranking_confidence
+from backend.reward import (
+    RewardModel,
+    TextEncoder,
+    bradley_terry_loss,
+    is_held_out,
+    last_human_turn,
+    load_reward_model,
+    num_features,
+    ranking_confidence,
+)
 from backend.store import Store
 
 
@@ -64,10 +73,49 @@ def test_held_out_split_is_by_prompt_and_about_a_fifth():
 
 
 def test_saved_head_loads_back_and_refuses_another_encoder(encoder, tmp_path):
-    model = RewardModel(encoder, torch.randn(2 * encoder.dim + 1))
+    model = RewardModel(encoder, torch.randn(num_features(encoder.dim)))
     model.save(tmp_path / "v0001")
     loaded = RewardModel.load(tmp_path / "v0001", encoder)
     assert torch.equal(loaded.weights, model.weights)
     other = TextEncoder(encoder.model, encoder.tokenizer, name="other-encoder", store=None)
     with pytest.raises(ValueError, match="REWARD_MODEL"):
         RewardModel.load(tmp_path / "v0001", other)
+
+
+def test_last_human_turn_takes_the_final_request_of_a_dialogue():
+    dialogue = "Human: hi\n\nAssistant: hello\n\nHuman: how do I bake bread?\n\nAssistant:"
+    assert last_human_turn(dialogue) == "how do I bake bread?"
+    assert last_human_turn("  What is 2+2? ") == "What is 2+2?"
+
+
+def test_score_depends_on_the_last_human_turn_not_the_earlier_dialogue(encoder):
+    model = RewardModel(encoder, torch.randn(num_features(encoder.dim)))
+    a = model.score(["Human: bake bread\n\nAssistant: ok\n\nHuman: a joke?\n\nAssistant:"], ["why did the chicken"])
+    b = model.score(["Human: France\n\nAssistant: Paris\n\nHuman: a joke?\n\nAssistant:"], ["why did the chicken"])
+    c = model.score(["a joke?"], ["why did the chicken"])
+    assert a == pytest.approx(b) and a == pytest.approx(c)
+
+
+def test_weights_of_the_wrong_length_are_refused_with_the_fix(encoder):
+    with pytest.raises(ValueError, match="refit the head"):
+        RewardModel(encoder, torch.zeros(2 * encoder.dim + 1))
+
+
+def test_fit_tunes_l2_on_the_training_prompts_and_keeps_it_in_the_saved_head(encoder, tmp_path):
+    prompts = [f"question {i}?" for i in range(80)]
+    result = RewardModel(encoder).fit(prompts, [f"the answer is {i}" for i in range(80)],
+                                      ["I am sorry, I cannot help." for _ in range(80)], [0.0] * 80)
+    model = RewardModel(encoder, result.weights, l2_per_pair=result.l2_per_pair)
+    model.save(tmp_path / "v1")
+    assert load_reward_model(tmp_path / "v1", encoder).l2_per_pair == result.l2_per_pair
+
+
+def test_a_failed_save_leaves_the_previous_version_intact(encoder, tmp_path, monkeypatch):
+    root = tmp_path / "reward"
+    RewardModel(encoder, torch.ones(num_features(encoder.dim))).save(root / "v1")
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        RewardModel(encoder, torch.zeros(num_features(encoder.dim))).save(root / "v1")
+    monkeypatch.undo()
+    assert torch.equal(RewardModel.load(root / "v1", encoder).weights, torch.ones(num_features(encoder.dim)))
+    assert [p.name for p in root.iterdir()] == ["v1"]  # no staging directory left behind
