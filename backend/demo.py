@@ -38,6 +38,11 @@ PROMPTS = [
     "How many players are on a football team?",
     "What is a good first programming language?",
     "How many continents are there?",
+    # these hash into the held-out split (backend/reward.py): PPO never trains on them, they judge its result
+    "What is the tallest mountain on Earth?",
+    "How many bones are in the human body?",
+    "How long does it take light to reach Earth from the Sun?",
+    "Name a famous painter.",
 ]
 ANNOTATED_TASKS = 4  # 4 rankings of 4 candidates: 24 pairs, past the default PPO_TRIGGER_PAIRS=20
 

@@ -15,6 +15,8 @@ Each step:
 4. advantages by GAE over a value head on the policy's last hidden state;
 5. `ppo_epochs` passes of clipped policy + value losses over shuffled mini-batches;
 6. move kl_coef towards `target_kl` (Ziegler et al. 2019, section 2.2).
+A run stops early, and hands back the policy before the update that overshot, once a
+rollout's KL to the reference exceeds `stop_kl` (see `train_ppo`).
 
 Shapes: B sequences, P prompt tokens (left-padded), R response tokens, V vocabulary size.
 """
@@ -75,6 +77,7 @@ class PPOConfig:
     init_kl_coef: float = 0.1  # starting KL coefficient beta
     target_kl: float = 1.0  # per-sequence KL (nats) the adaptive controller steers towards
     kl_horizon: int = 10000  # controller horizon (in sequences): larger = slower beta changes
+    stop_kl: float | None = None  # stop once a rollout's KL (nats per sequence) exceeds this; None = never
 
     def __post_init__(self) -> None:
         # (field, valid?, what a valid value is)
@@ -99,6 +102,7 @@ class PPOConfig:
             ("init_kl_coef", self.init_kl_coef >= 0, "a float >= 0, e.g. 0.1"),
             ("target_kl", self.target_kl > 0, "a float > 0 (nats per sequence), e.g. 1.0"),
             ("kl_horizon", self.kl_horizon > 0, "an integer > 0, e.g. 10000"),
+            ("stop_kl", self.stop_kl is None or self.stop_kl > 0, "None or a float > 0 (nats per sequence)"),
         ]
         for name, ok, valid in rules:
             if not ok:
@@ -342,6 +346,17 @@ class PolicyWithValue(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the trained weights (LoRA adapters and value head: a few MB; every weight if lora_rank == 0)."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back weights saved by `trainable_state`."""
+        for name, p in self.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+
     def merged_model(self) -> PreTrainedModel:
         """The policy as a plain causal LM: LoRA merged into the weights, value head dropped, frozen."""
         model = self.lm.merge_and_unload() if isinstance(self.lm, PeftModel) else self.lm
@@ -387,6 +402,8 @@ class PPOStepStats:
     clipfrac: float  # mean fraction of tokens whose policy ratio was clipped
     seconds: float  # wall time of this step
     eta_seconds: float  # estimated time left for the remaining steps
+    rollout_seconds: float  # sampling, scoring and the log-prob/value passes of this step
+    response_tokens: int  # real response tokens sampled this step (up to and including eos)
 
 
 def prompt_batches(prompts: list[str], batch_size: int, seed: int) -> Iterator[list[str]]:
@@ -493,7 +510,8 @@ def train_ppo(
 
     `model` (in eval mode, as `load_causal_lm` returns it) is both the starting policy and the
     KL reference; it is read, never written: training happens on a copy. Reseeds torch's
-    global RNG with `config.seed`, because `generate` samples from it.
+    global RNG with `config.seed`, because `generate` samples from it. With `config.stop_kl`,
+    the run may end before `config.steps` (fewer stats than steps).
     """
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt to train on")
@@ -507,6 +525,7 @@ def train_ppo(
     generator = torch.Generator().manual_seed(config.seed)
     stats: list[PPOStepStats] = []
     started = time.perf_counter()
+    before_update: dict[str, torch.Tensor] | None = None  # trainable weights before the latest update
     for step in range(1, config.steps + 1):
         step_start = time.perf_counter()
         batch = next(batches)
@@ -518,32 +537,43 @@ def train_ppo(
             policy, sequences, attention_mask, mask.shape[1], config.temperature)
         # reward: the score at the last real token minus the per-token KL penalty
         rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_controller.value)
+        kl_coef, kl_per_sequence = kl_controller.value, kl.sum(-1).mean().item()
+        # early stop: the previous update took the policy too far from the reference. Undo it, so
+        # the run returns the last policy whose rollout stayed within stop_kl (the README measured
+        # SmolLM2 drifting into incoherent text once KL ran away despite the penalty)
+        if config.stop_kl is not None and kl_per_sequence > config.stop_kl and before_update is not None:
+            policy.load_trainable_state(before_update)
+            log.warning("ppo stopped at step %d/%d: rollout KL %.2f > stop_kl %.2f nats per sequence; "
+                        "kept the policy that sampled step %d", step, config.steps, kl_per_sequence, config.stop_kl, step - 1)
+            break
         # advantages: GAE, whitened over the batch so the step size does not depend on reward scale
         advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
         rollout = Rollout(sequences, attention_mask, mask, logprobs, values, masked_whiten(advantages, mask), returns)
         rollout_seconds = time.perf_counter() - step_start
         # optimise: clipped policy + value losses over mini-batches
+        if config.stop_kl is not None:
+            before_update = policy.trainable_state()
         losses = ppo_update(policy, optimizer, rollout, config, generator)
         # adapt the KL coefficient to this rollout's KL per sequence
-        kl_coef, kl_per_sequence = kl_controller.value, kl.sum(-1).mean().item()
         kl_controller.update(kl_per_sequence, config.batch_size)
         # report
         now = time.perf_counter()
         stats.append(PPOStepStats(
             step=step, reward_mean=scores.mean().item(), kl=kl_per_sequence, kl_coef=kl_coef,
             entropy=masked_mean(entropy, mask).item(), **losses, seconds=now - step_start,
-            eta_seconds=(now - started) / step * (config.steps - step),
+            eta_seconds=(now - started) / step * (config.steps - step), rollout_seconds=rollout_seconds,
+            response_tokens=int(mask.sum()),
         ))
-        _log_step(stats[-1], config.steps, rollout_seconds)
+        _log_step(stats[-1], config.steps)
         if on_step is not None:
             on_step(stats[-1])
     return policy.merged_model(), stats
 
 
-def _log_step(s: PPOStepStats, steps: int, rollout_seconds: float) -> None:
+def _log_step(s: PPOStepStats, steps: int) -> None:
     log.info(
         "ppo step %d/%d: reward %.4f kl %.4f (coef %.4f) entropy %.3f policy_loss %.4f value_loss %.4f "
         "clipfrac %.3f | rollout %.1fs update %.1fs eta %.0fs",
         s.step, steps, s.reward_mean, s.kl, s.kl_coef, s.entropy, s.policy_loss, s.value_loss,
-        s.clipfrac, rollout_seconds, s.seconds - rollout_seconds, s.eta_seconds,
+        s.clipfrac, s.rollout_seconds, s.seconds - s.rollout_seconds, s.eta_seconds,
     )

@@ -43,15 +43,24 @@ class Settings(BaseModel):
     reward_replay_pairs: int = Field(256, ge=0, description="Older pairs replayed beside the new ones in each reward update")
     reward_full_refit_every: int = Field(10, ge=1, description="Incremental reward updates between full refits of the head")
 
-    # --- training triggers and PPO ---
+    # --- training triggers and the RL step ---
     ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
-    ppo_steps: int = Field(4, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")
-    ppo_batch_size: int = Field(4, ge=1, le=1024, description="Prompts per PPO rollout")
-    ppo_learning_rate: float = Field(2e-4, gt=0, lt=1, description="Adam learning rate of PPO (LoRA weights)")
-    ppo_init_kl_coef: float = Field(0.1, ge=0, description="Initial KL penalty coefficient to the previous policy")
-    ppo_target_kl: float = Field(1.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
-    lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of PPO updates; 0 fine-tunes every weight")
-    rl_algorithm: Literal["ppo"] = Field("ppo", description="RL algorithm of the policy update")
+    ppo_min_rm_accuracy: float = Field(
+        0.55, ge=0, le=1, description="No policy update while the reward model's held-out accuracy is below this")
+    rl_algorithm: Literal["ppo", "grpo", "rloo"] = Field("ppo", description="RL algorithm: our PPO, or trl's GRPO/RLOO")
+    rl_group_size: int = Field(4, ge=2, le=64, description="Samples per prompt of GRPO/RLOO (PPO samples one)")
+    ppo_steps: int = Field(16, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")
+    ppo_batch_size: int = Field(8, ge=1, le=1024, description="Prompts per PPO rollout")
+    ppo_learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate of PPO (LoRA weights)")
+    ppo_init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty coefficient to the previous policy")
+    ppo_target_kl: float = Field(4.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
+    ppo_stop_kl: float = Field(
+        6.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
+    ppo_max_kl: float = Field(
+        12.0, gt=0, description="Publish no policy whose held-out KL to the serving one exceeds this (nats/answer)")
+    ppo_reward_tolerance: float = Field(
+        0.0, ge=0, description="How far held-out reward may fall below the serving policy's and still publish")
+    lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of policy updates; 0 fine-tunes every weight")
 
     # --- serving ---
     basic_auth_user: str = Field("", description="If set with BASIC_AUTH_PASS, every route needs HTTP basic auth")

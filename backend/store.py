@@ -295,12 +295,18 @@ class Store:
                 query = query.where(PairRow.project_id == project_id)
             return list(s.scalars(query))
 
-    def pair_count(self, project_id: int | None = None) -> int:
+    def pair_count(self, project_id: int | None = None, after_id: int = 0) -> int:
+        """Pairs in the store (of one project), counting only those stored after pair `after_id`."""
         with self.session() as s:
-            query = select(func.count(PairRow.id))
+            query = select(func.count(PairRow.id)).where(PairRow.id > after_id)
             if project_id is not None:
                 query = query.where(PairRow.project_id == project_id)
             return s.scalar(query) or 0
+
+    def max_pair_id(self) -> int:
+        """A watermark: pairs stored later (new annotations or new versions of old ones) have larger ids."""
+        with self.session() as s:
+            return s.scalar(select(func.max(PairRow.id))) or 0
 
     # --- model versions ---
     def publish_version(self, kind: str, version: int, path: str, pairs_seen: int, metrics: dict) -> int:

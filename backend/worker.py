@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -23,15 +24,19 @@ from backend import labelstudio
 from backend.generation import generate_candidates
 from backend.labelconfig import RankingSchema, parse_ranking_schema
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
-from backend.ppo import PPOConfig, PPOStepStats, train_ppo
+from backend.evaluation import compare_on_held_out, should_publish
+from backend.ppo import PPOConfig
 from backend.registry import ModelRegistry
 from backend.reward import is_held_out
 from backend.reward_training import UpdatePolicy, fit_reward_version
+from backend.rl import StepStats, improve_policy, prompt_centred
 from backend.settings import Settings
 from backend.store import Job, Store
 from backend.sync import sync_project
 
 log = logging.getLogger(__name__)
+
+MAX_HELD_OUT_PROMPTS = 24  # enough to see a real drop in reward; each costs two samples from both policies
 
 
 class Worker:
@@ -121,63 +126,107 @@ class Worker:
         self.queue_policy_update_if_due(job.project_id)
 
     def queue_policy_update_if_due(self, project_id: int | None) -> None:
+        """Queue PPO once enough new human signal has arrived and the reward model is worth training on."""
         latest = self.store.latest_version("policy")
-        new_pairs = self.store.pair_count() - (latest.pairs_seen if latest else 0)
-        if new_pairs >= self.settings.ppo_trigger_pairs and not self.store.has_active_job("train_policy"):  # log once
-            self.store.enqueue("train_policy", project_id)
-            self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: PPO queued")
+        new_pairs = self.store.pair_count(after_id=latest.metrics.get("last_pair_id", 0) if latest else 0)
+        if new_pairs < self.settings.ppo_trigger_pairs or self.store.has_active_job("train_policy"):
+            return
+        reward = self.store.latest_version("reward")
+        accuracy = reward.metrics.get("held_out_accuracy") if reward else None
+        if accuracy is not None and accuracy < self.settings.ppo_min_rm_accuracy:
+            self.store.log_event("trigger", f"{new_pairs} new pairs, but the reward model's held-out accuracy "
+                                 f"{accuracy:.3f} < PPO_MIN_RM_ACCURACY {self.settings.ppo_min_rm_accuracy}: no PPO yet")
+            return
+        self.store.enqueue("train_policy", project_id)
+        self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: {self.settings.rl_algorithm} queued")
 
     # --- policy ---
     def train_policy(self, job: Job) -> None:
-        pairs_seen = self.store.pair_count()
-        base = self.registry.policy()  # publishes v0 on first use
-        prompts = self.training_prompts()
-        if not prompts:
+        """Reward model + project prompts -> RL -> a new policy version, published only past the guard rails."""
+        settings = self.settings
+        last_pair_id = self.store.max_pair_id()
+        serving = self.registry.policy()  # publishes v0 on first use
+        train_prompts, held_out = self.training_prompts()
+        if not train_prompts:
             raise ValueError("no training prompts: import prompts into the project before training")
         reward = self.registry.reward_model()
-        model, tokenizer = load_causal_lm(base.path)  # a private copy: training must not touch the serving model
-        self.store.log_event("ppo", f"PPO started from policy v{base.version} with reward v{reward.version} "
-                             f"on {len(prompts)} prompts")
+        model, tokenizer = load_causal_lm(serving.path)  # a private copy: training must not touch the serving model
+        self.store.log_event("ppo", f"{settings.rl_algorithm} started from policy v{serving.version} with reward "
+                             f"v{reward.version} on {len(train_prompts)} prompts ({len(held_out)} held out)")
 
-        def on_step(stats: PPOStepStats) -> None:
-            self.store.log_event("ppo_step", f"PPO step {stats.step}: reward {stats.reward_mean:.3f}, "
-                                 f"KL {stats.kl:.3f}, ETA {stats.eta_seconds:.0f}s", **vars(stats))
+        def on_step(stats: StepStats) -> None:
+            kl = "n/a" if stats.kl is None else f"{stats.kl:.3f}"
+            self.store.log_event("ppo_step", f"{settings.rl_algorithm} step {stats.step}: reward "
+                                 f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", **asdict(stats))
 
-        trained, stats = improve_policy(self.settings, model, tokenizer, prompts, reward.score, on_step)
+        # train: the reward centred per prompt on the candidates annotators saw
+        reward_fn = prompt_centred(reward.score, self.known_candidates(train_prompts))
+        trained, stats = improve_policy(settings.rl_algorithm, model, tokenizer, train_prompts, reward_fn,
+                                        ppo_config(settings), group_size=settings.rl_group_size, on_step=on_step)
+        metrics = {"algorithm": settings.rl_algorithm, "reward_version": reward.version, "steps": len(stats),
+                   "final_train_kl": stats[-1].kl if stats else None, "last_pair_id": last_pair_id}
+        # guard rails: held-out prompts PPO never saw judge whether the new policy may serve
+        if held_out:
+            comparison = compare_on_held_out(trained, model, tokenizer, held_out, reward.score, samples=2,
+                                             max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+            rm = self.store.latest_version("reward")
+            ok, reason = should_publish(comparison.kl, settings.ppo_max_kl, comparison.reward_new,
+                                        comparison.reward_old, reward_tolerance=settings.ppo_reward_tolerance,
+                                        rm_accuracy=rm.metrics.get("held_out_accuracy") if rm else None,
+                                        min_rm_accuracy=settings.ppo_min_rm_accuracy)
+            metrics.update(asdict(comparison), guard=reason)
+            if not ok:
+                self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "
+                                     f"{reason}", **metrics)
+                return
+        else:
+            metrics["guard"] = "no held-out prompts yet: published unchecked"
+        # publish: saved to a staging directory and renamed, then recorded in the store
         version = self.store.next_version("policy")
         directory = self.registry.policy_dir(version)
         with atomic_directory(directory) as staging:  # a killed run never leaves a half-written policy
             trained.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-        metrics = {"reward_version": reward.version, "steps": len(stats),
-                   "final_kl": stats[-1].kl if stats else None, "final_reward": stats[-1].reward_mean if stats else None}
-        published = self.store.publish_version("policy", version, str(directory), pairs_seen=pairs_seen, metrics=metrics)
-        self.store.log_event("policy", f"policy v{published} published after {len(stats)} PPO steps", **metrics)
+        self.store.publish_version("policy", version, str(directory), pairs_seen=self.store.pair_count(),
+                                   metrics=metrics)
+        self.store.log_event("policy", f"policy v{version} published after {len(stats)} steps ({metrics['guard']})",
+                             **metrics)
         for project_id in self.store.project_ids():
             self.store.enqueue("regenerate", project_id)
 
-    def training_prompts(self) -> list[str]:
-        """Prompts of every task the backend has seen, minus the held-out evaluation prompts."""
-        prompts = []
+    def project_prompts(self) -> dict[str, list[str]]:
+        """Every prompt of every task the backend has seen, with the candidate texts shown for it."""
+        prompts: dict[str, list[str]] = {}
         for project_id in self.store.project_ids():
             schema = self.schema(project_id)
-            prompts += [str(d.get(schema.prompt_field, "")) for d in self.store.project_task_data(project_id)]
-        prompts = [p for p in dict.fromkeys(prompts) if p]
+            for data in self.store.project_task_data(project_id):
+                prompt = str(data.get(schema.prompt_field, ""))
+                if prompt:
+                    bodies = [str(c.get("body", "")) for c in schema.candidate_items(data)]
+                    prompts.setdefault(prompt, []).extend(b for b in bodies if b)
+        return prompts
+
+    def training_prompts(self) -> tuple[list[str], list[str]]:
+        """(prompts PPO trains on, held-out prompts that only judge the result); split by prompt hash."""
+        prompts = list(self.project_prompts())
         train = [p for p in prompts if not is_held_out(p)]
-        return train or prompts  # a handful of prompts may all hash into the held-out split
+        held_out = [p for p in prompts if is_held_out(p)][:MAX_HELD_OUT_PROMPTS]
+        return (train or prompts), held_out  # a handful of prompts may all hash into the held-out split
+
+    def known_candidates(self, prompts: list[str]) -> dict[str, list[str]]:
+        known = self.project_prompts()
+        return {p: known[p] for p in prompts if known.get(p)}
 
 
-def improve_policy(settings: Settings, model, tokenizer, prompts, reward_fn, on_step):
-    """The one RL step of the loop: PPO today; GRPO/RLOO plug in here, behind settings.rl_algorithm."""
-    if settings.rl_algorithm != "ppo":
-        raise ValueError(f"RL_ALGORITHM={settings.rl_algorithm!r} is not supported: use 'ppo'")
-    config = PPOConfig(
-        steps=settings.ppo_steps, batch_size=settings.ppo_batch_size, learning_rate=settings.ppo_learning_rate,
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        init_kl_coef=settings.ppo_init_kl_coef, target_kl=settings.ppo_target_kl,
-        lora_rank=settings.lora_rank, seed=settings.seed,
+def ppo_config(settings: Settings) -> PPOConfig:
+    """The RL step's config from the settings (trl's GRPO/RLOO read the shared fields)."""
+    batch = settings.ppo_batch_size
+    return PPOConfig(
+        steps=settings.ppo_steps, batch_size=batch, mini_batch_size=batch // 2 if batch % 2 == 0 else batch,
+        learning_rate=settings.ppo_learning_rate, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, init_kl_coef=settings.ppo_init_kl_coef, target_kl=settings.ppo_target_kl,
+        stop_kl=settings.ppo_stop_kl, lora_rank=settings.lora_rank, seed=settings.seed,
     )
-    return train_ppo(model, tokenizer, prompts, reward_fn, config, on_step=on_step)
 
 
 def run_worker(settings: Settings, stop: threading.Event | None = None, poll_seconds: float = 0.3) -> None:

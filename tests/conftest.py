@@ -39,6 +39,10 @@ def tiny_env(tmp_path, tiny_policy, tiny_encoder) -> dict[str, str]:
         "PPO_TRIGGER_PAIRS": "6",
         "PPO_STEPS": "2",
         "PPO_BATCH_SIZE": "2",
+        # a random tiny reward model is no judge: the guard rails have tests of their own (test_worker.py)
+        "PPO_MIN_RM_ACCURACY": "0",
+        "PPO_REWARD_TOLERANCE": "1000",
+        "PPO_MAX_KL": "1000",
         "TORCH_THREADS": "1",
     }
 

@@ -208,3 +208,28 @@ def test_train_ppo_rejects_reward_fn_with_wrong_number_of_scores(tiny):
     config = PPOConfig(steps=1, batch_size=2, max_new_tokens=4, lora_rank=4)
     with pytest.raises(ValueError, match="reward_fn returned 1 scores for 2 responses"):
         train_ppo(model, tokenizer, PROMPTS, lambda p, r: [0.0], config)
+
+
+def test_train_ppo_stop_kl_undoes_the_update_that_overshot(tiny):
+    model, tokenizer = tiny
+    original = _snapshot(model)
+    # step 1 samples from the reference (KL 0) and updates hard; step 2's rollout then exceeds the
+    # tiny stop_kl, so the run stops and puts back the weights before step 1's update: the input model
+    config = PPOConfig(steps=4, batch_size=2, max_new_tokens=8, lora_rank=4, learning_rate=5e-2, stop_kl=1e-6)
+    new_model, stats = train_ppo(model, tokenizer, PROMPTS, count_a_reward, config)
+    assert [s.step for s in stats] == [1]
+    assert _changed(original, new_model) == []
+
+
+def test_train_ppo_step_stats_report_rollout_time_and_tokens(tiny):
+    model, tokenizer = tiny
+    config = PPOConfig(steps=1, batch_size=2, max_new_tokens=8, lora_rank=4)
+    _, (s,) = train_ppo(model, tokenizer, PROMPTS, count_a_reward, config)
+    assert 0 < s.rollout_seconds < s.seconds
+    assert 2 <= s.response_tokens <= 2 * 8  # each response has at least one token and at most max_new_tokens
+    assert s.entropy > 0 and s.value_loss >= 0 and s.eta_seconds == 0
+
+
+def test_config_rejects_non_positive_stop_kl():
+    with pytest.raises(ValueError, match=r"PPOConfig.stop_kl=0.0 is invalid: set it to None or a float > 0"):
+        PPOConfig(stop_kl=0.0)

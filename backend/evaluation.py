@@ -1,0 +1,188 @@
+"""Held-out evaluation of a policy: answers in, win-rates, NLL, KL and a publish decision out.
+
+In:  answers of a new and a base policy to the same held-out prompts, a preference (a score
+     function on answer text: higher is preferred), and the models that wrote the answers.
+Out: the win-rate of the new answers, the sign-test p-value of that win, the mean per-token
+     NLL of answers under a model (how far text strays from what the base policy would write),
+     the KL between two policies estimated on sampled answers, and `should_publish`, the guard
+     rail that keeps a run that drifted off or got worse from serving candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from backend.generation import render_prompt, sample_completions
+
+Preference = Callable[[str], float]
+"""An answer's score under a fixed preference: of two answers, the higher one is preferred."""
+
+
+# ----------------------------------------------------------------------------- win-rates
+
+
+@dataclass(frozen=True)
+class Tally:
+    wins: int  # new answer preferred
+    losses: int  # base answer preferred
+    ties: int  # equal scores
+
+    @property
+    def win_rate(self) -> float:
+        """(wins + ties / 2) / comparisons: 0.5 when the preference cannot tell the policies apart."""
+        return (self.wins + 0.5 * self.ties) / (self.wins + self.losses + self.ties)
+
+
+def tally(new_answers: list[str], base_answers: list[str], preference: Preference) -> Tally:
+    """Wins, losses and ties of each new answer against the base answer at the same index."""
+    if len(new_answers) != len(base_answers):
+        raise ValueError(f"{len(new_answers)} new answers but {len(base_answers)} base answers: "
+                         "pass one base answer per new answer (same prompt, same index)")
+    if not new_answers:
+        raise ValueError("no answers to compare: pass at least one pair of answers")
+    new, base = [preference(a) for a in new_answers], [preference(a) for a in base_answers]
+    wins = sum(n > b for n, b in zip(new, base))
+    losses = sum(n < b for n, b in zip(new, base))
+    return Tally(wins, losses, len(new) - wins - losses)
+
+
+def win_rate(new_answers: list[str], base_answers: list[str], preference: Preference) -> float:
+    """Fraction of paired comparisons the new answer wins under `preference`, a tie counting half."""
+    return tally(new_answers, base_answers, preference).win_rate
+
+
+def sign_test_p_value(wins: int, losses: int) -> float:
+    """One-sided p-value of at least `wins` wins in `wins + losses` fair coin flips (ties dropped).
+
+    The exact binomial sign test: small when the new policy wins more often than chance allows.
+    """
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+# ----------------------------------------------------------------------------- likelihoods
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], answers: list[str],
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer: the summed log-probability (N,) of its tokens after the rendered prompt, and their count (N,).
+
+    Answers are the stripped text the reward model and annotators see, re-tokenised; no eos is
+    scored, as a cut-off answer has none. An empty answer scores 0 over 0 tokens.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers: pass one prompt per answer")
+    sums, counts = torch.zeros(len(answers)), torch.zeros(len(answers), dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(answers), batch_size):
+        rows = []
+        for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
+            p = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            rows.append((p, a))
+        length = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (b, L) right-padded
+        attention = torch.zeros_like(ids)  # (b, L)
+        scored = torch.zeros_like(ids)  # (b, L) 1 on answer tokens
+        for i, (p, a) in enumerate(rows):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            attention[i, :len(p) + len(a)] = 1
+            scored[i, len(p):len(p) + len(a)] = 1
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (b, L, V)
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, L-1)
+        mask = scored[:, 1:]  # position t predicts token t + 1
+        sums[start:start + len(rows)] = (logp * mask).sum(-1)
+        counts[start:start + len(rows)] = mask.sum(-1)
+    return sums, counts
+
+
+def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+               answers: list[str]) -> float:
+    """Mean negative log-likelihood per answer token (nats), pooled over every token of every answer."""
+    sums, counts = answer_logprobs(model, tokenizer, prompts, answers)
+    if counts.sum() == 0:
+        raise ValueError("every answer is empty: there are no tokens to score")
+    return float(-sums.sum() / counts.sum())
+
+
+def sampled_kl(new_model: PreTrainedModel, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               prompts: list[str], new_answers: list[str]) -> float:
+    """KL(new || base) in nats per answer, estimated as mean(log p_new - log p_base) on answers sampled from new.
+
+    Unbiased only for answers sampled at temperature 1 without top-k/top-p, as PPO samples;
+    re-tokenising the stripped text adds a small bias. Both models must share `tokenizer`.
+    """
+    new_sums, _ = answer_logprobs(new_model, tokenizer, prompts, new_answers)
+    base_sums, _ = answer_logprobs(base_model, tokenizer, prompts, new_answers)
+    return float((new_sums - base_sums).mean())
+
+
+# ----------------------------------------------------------------------------- guard rail
+
+
+@dataclass(frozen=True)
+class HeldOutComparison:
+    kl: float  # KL(new || old), nats per answer, on answers the new policy sampled
+    reward_new: float  # mean reward-model score of the new policy's answers
+    reward_old: float  # ... and of the old policy's answers to the same prompts
+
+
+def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        prompts: list[str], reward_fn: Callable[[list[str], list[str]], list[float]], samples: int,
+                        max_new_tokens: int,
+                        seed: int) -> HeldOutComparison:
+    """Both policies answer the held-out prompts (same seed); their KL and mean rewards, for `should_publish`."""
+    answers = {}
+    for name, model in (("new", new_model), ("old", old_model)):
+        torch.manual_seed(seed)
+        answers[name] = [a for group in sample_completions(model, tokenizer, prompts, samples, max_new_tokens)
+                         for a in group]
+    repeated = [p for p in prompts for _ in range(samples)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return HeldOutComparison(
+        kl=sampled_kl(new_model, old_model, tokenizer, repeated, answers["new"]),
+        reward_new=mean(reward_fn(repeated, answers["new"])),
+        reward_old=mean(reward_fn(repeated, answers["old"])),
+    )
+
+
+def should_publish(
+    final_kl: float,
+    max_kl: float,
+    held_out_reward_new: float,
+    held_out_reward_old: float,
+    *,
+    reward_tolerance: float = 0.0,
+    rm_accuracy: float | None = None,
+    min_rm_accuracy: float | None = None,
+) -> tuple[bool, str]:
+    """Whether a trained policy may replace the serving one, and why (one line).
+
+    Refused when the policy drifted (final KL above `max_kl`), when its mean reward on held-out
+    prompts fell by more than `reward_tolerance` below the old policy's, or when the reward
+    model that judged it scores below `min_rm_accuracy` on held-out pairs (PPO then optimises
+    noise). An unknown accuracy (None: no held-out pairs yet) does not block.
+    """
+    if not math.isfinite(final_kl):
+        return False, f"final KL is {final_kl}: the run diverged"
+    if final_kl > max_kl:
+        return False, f"final KL {final_kl:.3f} > PPO_MAX_KL {max_kl:.3f}: the policy drifted too far from the last one"
+    if held_out_reward_new < held_out_reward_old - reward_tolerance:
+        return False, (f"held-out reward fell from {held_out_reward_old:.4f} to {held_out_reward_new:.4f}"
+                       + (f" (tolerance {reward_tolerance:.4f})" if reward_tolerance else ""))
+    if rm_accuracy is not None and min_rm_accuracy is not None and rm_accuracy < min_rm_accuracy:
+        return False, (f"reward model held-out accuracy {rm_accuracy:.3f} < PPO_MIN_RM_ACCURACY "
+                       f"{min_rm_accuracy:.3f}: its scores are too close to noise to train on")
+    return True, (f"KL {final_kl:.3f} <= {max_kl:.3f}, held-out reward {held_out_reward_old:.4f} -> "
+                  f"{held_out_reward_new:.4f}")

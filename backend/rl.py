@@ -1,0 +1,211 @@
+"""The RL step of the loop: a policy, prompts and a reward function in; a new plain policy and step stats out.
+
+In:  the algorithm ("ppo", "grpo" or "rloo"), the previous policy (also the KL reference), its
+     tokenizer, raw prompts, a `RewardFn` scoring decoded text (the reward model), and one
+     `PPOConfig` whose schedule, sampling and LoRA fields every algorithm reads.
+Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepStats` per step.
+
+- "ppo":  backend/ppo.py, our own PPO with a value head (trl removed PPOTrainer after 1.12).
+- "grpo": trl's GRPOTrainer (Shao et al. 2024): `group_size` samples per prompt, advantages
+          relative to the group mean, no value model.
+- "rloo": trl's RLOOTrainer (Ahmadian et al. 2024): the same groups, a leave-one-out baseline.
+trl reads from the config: steps, batch_size (prompts per step), learning_rate, max_grad_norm,
+lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as epsilon).
+It does one optimisation pass per rollout and has no value head or adaptive KL, so ppo_epochs,
+mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl and stop_kl are PPO's alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+
+from peft import LoraConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from backend.generation import render_prompt
+from backend.ppo import PPOConfig, PPOStepStats, RewardFn, lora_target_modules, prompt_batches, train_ppo
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("ppo", "grpo", "rloo")
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One step of any algorithm, as the worker logs it and the UI shows it."""
+
+    step: int  # 1-based rollout index
+    reward_mean: float  # mean reward-model score of the step's samples
+    kl: float | None  # KL to the starting policy, nats per sequence; None when not measured (trl with beta 0)
+    entropy: float | None  # mean per-token entropy of the sampling distribution, nats; None when not logged
+    seconds: float  # wall time of this step
+    eta_seconds: float  # estimated time left for the remaining steps
+    extra: dict[str, float] = field(default_factory=dict)  # the algorithm's own numbers (losses, kl_coef, ...)
+
+
+def improve_policy(
+    algorithm: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    reward_fn: RewardFn,
+    config: PPOConfig,
+    *,
+    group_size: int = 4,
+    on_step: Callable[[StepStats], None] | None = None,
+) -> tuple[PreTrainedModel, list[StepStats]]:
+    """Run one RL update of `model` with `algorithm`; `model` is read, never written.
+
+    `group_size` is the number of samples per prompt of GRPO and RLOO (PPO samples one).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"RL_ALGORITHM={algorithm!r} is not supported: use one of {', '.join(ALGORITHMS)}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt to train on")
+    if algorithm == "ppo":
+        def forward(s: PPOStepStats) -> None:
+            if on_step is not None:
+                on_step(from_ppo(s))
+
+        trained, ppo_stats = train_ppo(model, tokenizer, prompts, reward_fn, config, on_step=forward)
+        return trained, [from_ppo(s) for s in ppo_stats]
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size} is invalid for {algorithm}: set it to an integer >= 2, "
+                         "as the group's other samples are each sample's baseline")
+    return _train_trl(algorithm, model, tokenizer, prompts, reward_fn, config, group_size, on_step)
+
+
+def prompt_centred(reward_fn: RewardFn, candidates: dict[str, list[str]]) -> RewardFn:
+    """`reward_fn` minus, per prompt, the mean score of the candidates annotators saw for it.
+
+    The reward model's score moves more between prompts than between answers to one prompt, and
+    PPO's single sample per prompt cannot tell the two apart until its value head has learnt the
+    prompts (GRPO's group mean plays the same part): centring takes the prompt's share out.
+    Prompts without known candidates are left as they are.
+    """
+    baseline = {p: sum(reward_fn([p] * len(c), c)) / len(c) for p, c in candidates.items() if c}
+
+    def centred(prompts: list[str], responses: list[str]) -> list[float]:
+        return [s - baseline.get(p, 0.0) for p, s in zip(prompts, reward_fn(prompts, responses))]
+
+    return centred
+
+
+def from_ppo(s: PPOStepStats) -> StepStats:
+    extra = {"kl_coef": s.kl_coef, "policy_loss": s.policy_loss, "value_loss": s.value_loss,
+             "clipfrac": s.clipfrac, "rollout_seconds": s.rollout_seconds, "response_tokens": s.response_tokens}
+    return StepStats(step=s.step, reward_mean=s.reward_mean, kl=s.kl, entropy=s.entropy, seconds=s.seconds,
+                     eta_seconds=s.eta_seconds, extra=extra)
+
+
+# ----------------------------------------------------------------------------- trl
+
+
+def trl_reward_function(reward_fn: RewardFn) -> Callable[..., list[float]]:
+    """`reward_fn` as a trl reward function `f(prompts=, completions=, **columns) -> list[float]`.
+
+    trl hands conversational datasets' prompts and completions over as message lists
+    (`[{"role": "assistant", "content": ...}]`) and plain ones as text, prompts rendered or not;
+    either way we score the raw prompt, carried in the dataset's `raw_prompt` column, and the
+    completion's stripped text: what the reward model saw in the annotators' pairs.
+    """
+    def reward_model(prompts: list, completions: list, raw_prompt: list[str], **_: object) -> list[float]:
+        texts = [(c[-1]["content"] if isinstance(c, list) else c).strip() for c in completions]
+        return [float(s) for s in reward_fn(list(raw_prompt), texts)]
+
+    return reward_model
+
+
+def _dataset(tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig):
+    """`steps * batch_size` rows in PPO's prompt order: conversational with a chat template, else rendered text."""
+    from datasets import Dataset  # imported here: `datasets` is only needed by the trl algorithms
+
+    order = [p for batch in islice(prompt_batches(prompts, config.batch_size, config.seed), config.steps) for p in batch]
+    chat = bool(tokenizer.chat_template)
+    rows = [{"prompt": [{"role": "user", "content": p}] if chat else render_prompt(tokenizer, p), "raw_prompt": p}
+            for p in order]
+    return Dataset.from_list(rows)
+
+
+class _StepRecorder(TrainerCallback):
+    """Turns trl's per-step log into `StepStats`, with an ETA from the mean step time so far."""
+
+    def __init__(self, steps: int, on_step: Callable[[StepStats], None] | None):
+        self.steps, self.on_step, self.stats = steps, on_step, []
+        self.started = self.last = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "reward" not in logs:  # the final summary log has no reward
+            return
+        now, step = time.perf_counter(), state.global_step
+        length = logs.get("completions/mean_length", math.nan)
+        # trl logs the mean per-token KL; per sequence, as PPO's, for one PPO_MAX_KL across algorithms
+        kl = logs["kl"] * length if "kl" in logs else None
+        extra = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)
+                 and k not in ("reward", "kl", "entropy", "epoch", "step")}
+        s = StepStats(step=step, reward_mean=float(logs["reward"]), kl=kl, entropy=logs.get("entropy"),
+                      seconds=now - self.last, eta_seconds=(now - self.started) / step * (self.steps - step),
+                      extra=extra)
+        self.last = now
+        self.stats.append(s)
+        log.info("%s step %d/%d: reward %.4f kl %s entropy %s | %.1fs eta %.0fs", args.run_name, s.step, self.steps,
+                 s.reward_mean, "n/a" if kl is None else f"{kl:.4f}",
+                 "n/a" if s.entropy is None else f"{s.entropy:.3f}", s.seconds, s.eta_seconds)
+        if self.on_step is not None:
+            self.on_step(s)
+
+
+def _train_trl(
+    algorithm: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    reward_fn: RewardFn, config: PPOConfig, group_size: int, on_step: Callable[[StepStats], None] | None,
+) -> tuple[PreTrainedModel, list[StepStats]]:
+    # imported here: `import trl` takes seconds (shared/models/README.md), and PPO needs none of it
+    if algorithm == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+
+    policy = copy.deepcopy(model)  # trl injects LoRA layers into the model it gets: keep the caller's clean
+    peft_config = None
+    if config.lora_rank > 0:
+        peft_config = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
+                                 target_modules=lora_target_modules(policy), bias="none", task_type="CAUSAL_LM")
+    recorder = _StepRecorder(config.steps, on_step)
+    with tempfile.TemporaryDirectory(prefix=f"rl-{algorithm}-") as output_dir:
+        args = Config(
+            output_dir=output_dir, run_name=algorithm, report_to=[], save_strategy="no", logging_steps=1,
+            disable_tqdm=True, seed=config.seed, data_seed=config.seed, shuffle_dataset=False,
+            # CPU: trl defaults to bf16 and gradient checkpointing (2.5x slower here, shared/models/README.md);
+            # transformers 5 renamed gradient_checkpointing to activation_checkpointing
+            bf16=False, use_cpu=True, activation_checkpointing=False, dataloader_num_workers=0,
+            max_steps=config.steps, per_device_train_batch_size=config.batch_size * group_size,
+            gradient_accumulation_steps=1, num_generations=group_size, num_iterations=1,
+            learning_rate=config.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+            max_grad_norm=config.max_grad_norm, beta=config.init_kl_coef, epsilon=config.cliprange,
+            max_completion_length=config.max_new_tokens, temperature=config.temperature, top_k=0, top_p=1.0,
+            log_completions=False,
+        )
+        with warnings.catch_warnings():
+            # peft 0.21 reads the `is_gradient_checkpointing` that transformers 5 deprecated (as in ppo.py)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            trainer = Trainer(
+                model=policy, reward_funcs=[trl_reward_function(reward_fn)], args=args,
+                train_dataset=_dataset(tokenizer, prompts, config), processing_class=tokenizer,
+                callbacks=[recorder], peft_config=peft_config,
+            )
+            trainer.remove_callback(PrinterCallback)  # prints every log dict; _StepRecorder logs instead
+            trainer.train()
+    trained = trainer.model
+    trained = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
+    return trained.eval().requires_grad_(False), recorder.stats

@@ -1,0 +1,320 @@
+"""The whole loop against simulated annotators: does PPO on a fitted reward model improve the policy?
+
+In:  the real default models (SmolLM2-135M-Instruct policy, MiniLM reward encoder), a list of
+     short questions, and scripted annotators that rank candidates by a fixed hidden preference.
+Out: per preference, a markdown row: rollout tokens/s, seconds per PPO update, peak memory,
+     the reward model's held-out accuracy, the new policy's win-rate against the base policy by
+     that preference (with the sign-test p-value), the KL between them, and the mean per-token
+     NLL under the base policy of the new answers against the base policy's own answers.
+
+For each hidden preference:
+1. the base policy writes K candidates for each training question; the annotator ranks them by
+   the preference (equal scores tie: one bucket, no pair), giving preference pairs;
+2. the default reward model (frozen MiniLM + Bradley-Terry head) is fitted on those pairs;
+3. PPO (backend/rl.py) trains the policy against the reward model;
+4. on held-out questions the new and the base policy each sample answers; the win-rate counts
+   how often the preference favours the new answer (ties half), paired by question and sample.
+
+Run: `.venv/bin/python bench/ppo_loop.py` (about 12 minutes on 2 cores; `--help` for the knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend.evaluation import answer_nll, sampled_kl, should_publish, sign_test_p_value, tally  # noqa: E402
+from backend.generation import sample_completions  # noqa: E402
+from backend.models import (  # noqa: E402
+    DEFAULT_ENCODER,
+    DEFAULT_POLICY,
+    load_causal_lm,
+    load_encoder,
+    resolve_encoder,
+    resolve_policy,
+)
+from backend.ppo import PPOConfig  # noqa: E402
+from backend.preferences import pairs_from_tiers  # noqa: E402
+from backend.reward import RewardModel, TextEncoder  # noqa: E402
+from backend.rl import improve_policy, prompt_centred  # noqa: E402
+
+log = logging.getLogger("ppo_loop")
+
+# Questions where a number is the natural answer, and questions where it is not: the hidden
+# "contains a number" preference then has something to find in both kinds.
+NUMERIC = [
+    "How many legs does a spider have?", "How many days are in a leap year?", "What is 12 times 12?",
+    "How many continents are there?", "At what temperature does water boil in Celsius?",
+    "How many minutes are in an hour?", "How many players are on a soccer team?", "What year did World War II end?",
+    "How many sides does a hexagon have?", "How many planets are in the solar system?",
+    "How many strings does a guitar usually have?", "What is the square root of 81?",
+    "How many hours are in a week?", "How many bones does an adult human have?", "How many weeks are in a year?",
+    "How old do you have to be to vote in the US?", "How many keys does a piano have?",
+    "What is half of 250?", "How many months have 31 days?", "How many teeth does an adult have?",
+    "How many ounces are in a pound?", "How many centimeters are in a meter?", "How many states are in the USA?",
+    "How long is a marathon?", "How many cups are in a gallon?", "How many hearts does an octopus have?",
+    "What is 15 plus 27?", "How many seconds are in a day?", "How many colors are in a rainbow?",
+    "How many zeros are in a million?",
+]
+OPEN = [
+    "Why is the sky blue?", "What is your favorite color?", "How do I make a cup of tea?",
+    "What is photosynthesis?", "Can you recommend a good book?", "Why do cats purr?",
+    "How can I sleep better?", "What is the capital of France?", "Tell me about dolphins.",
+    "How do I stay motivated?", "What makes a good friend?", "Describe the ocean.",
+    "How do airplanes fly?", "What should I cook for dinner?", "Why do leaves change color?",
+    "Give me a tip for learning a language.", "What is a rainbow?", "How do I water a cactus?",
+    "What do bees do?", "How can I be more productive?", "What is gravity?", "Write a short greeting.",
+    "What is the moon made of?", "How do I tie a tie?", "What is music?", "Why do we dream?",
+    "How do I start running?", "What is the internet?", "Name a fruit.", "How do I calm down?",
+]
+
+
+def split_prompts(n_held_out: int) -> tuple[list[str], list[str]]:
+    """(train, held-out): the last n_held_out / 2 questions of each kind are held out."""
+    half = n_held_out // 2
+    return NUMERIC[:-half] + OPEN[:-half], NUMERIC[-half:] + OPEN[-half:]
+
+
+# ----------------------------------------------------------------------------- simulated annotators
+
+
+def contains_number(answer: str) -> float:
+    return float(bool(re.search(r"\d", answer)))
+
+
+def shorter(answer: str) -> float:
+    return -float(len(answer))
+
+
+PREFERENCES: dict[str, Callable[[str], float]] = {"contains_number": contains_number, "shorter": shorter}
+
+
+def annotate(prompts: list[str], candidates: list[list[str]], preference: Callable[[str], float]):
+    """The scripted annotator: rank each prompt's candidates by `preference`, equal scores in one bucket.
+
+    Returns (prompts, chosen, rejected) of every pair the rankings imply (backend/preferences.py rules).
+    """
+    out_prompts, chosen, rejected = [], [], []
+    for prompt, bodies in zip(prompts, candidates):
+        scores = sorted({preference(b) for b in bodies}, reverse=True)
+        tiers = [[i for i, b in enumerate(bodies) if preference(b) == s] for s in scores]
+        for better, worse in pairs_from_tiers(tiers):
+            out_prompts.append(prompt)
+            chosen.append(bodies[better])
+            rejected.append(bodies[worse])
+    return out_prompts, chosen, rejected
+
+
+# ----------------------------------------------------------------------------- one experiment
+
+
+@dataclass
+class Knobs:
+    candidates: int = 8  # candidates per training prompt that the annotator ranks
+    candidate_tokens: int = 32  # MAX_NEW_TOKENS of those candidates
+    eval_samples: int = 2  # answers per held-out prompt and policy
+    held_out: int = 24  # held-out prompts
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        steps=16, batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-4, lora_rank=16,
+        max_new_tokens=32, init_kl_coef=0.05, target_kl=4.0, stop_kl=6.0))
+
+
+@dataclass
+class Result:
+    preference: str
+    pairs: int
+    rm_held_out_accuracy: float  # on pairs of the base policy's held-out answers
+    ppo_steps: int
+    seconds_per_update: float
+    rollout_tokens_per_s: float
+    final_train_kl: float  # the last PPO rollout's KL, nats per sequence
+    held_out_kl: float  # KL(new || base) on held-out answers, nats per answer
+    wins: int
+    losses: int
+    ties: int
+    win_rate: float
+    p_value: float
+    nll_base_answers: float  # under the base policy, nats per token
+    nll_new_answers: float
+    reward_base: float  # mean reward-model score of held-out answers
+    reward_new: float
+    published: bool
+    reason: str
+    peak_rss_gb: float
+    seconds: float
+    samples: list[str] = field(default_factory=list)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def sample(model, tokenizer, prompts, n, max_new_tokens) -> tuple[list[str], list[str], float]:
+    """n answers per prompt, flattened prompt-major, with their prompts and the generation tokens/s."""
+    started = time.perf_counter()
+    answers = sample_completions(model, tokenizer, prompts, n, max_new_tokens, batch_size=8)
+    seconds = time.perf_counter() - started
+    flat = [a for group in answers for a in group]
+    tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in flat)
+    return [p for p in prompts for _ in range(n)], flat, tokens / seconds
+
+
+def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder, train_prompts: list[str],
+                   candidates: list[list[str]], eval_prompts: list[str], base_answers: list[str],
+                   knobs: Knobs, max_kl: float) -> Result:
+    started = time.perf_counter()
+    # annotate: the scripted annotator ranks the base policy's candidates
+    prompts, chosen, rejected = annotate(train_prompts, candidates, preference)
+    # reward model: MiniLM + Bradley-Terry head fitted on every pair
+    reward = RewardModel(encoder)
+    reward.weights = reward.fit(prompts, chosen, rejected, [0.0] * len(prompts)).weights
+    rm_accuracy = held_out_accuracy(reward, eval_prompts, base_answers, preference)
+    log.info("%s: %d pairs, reward model accuracy %.3f on held-out answer pairs", name, len(prompts), rm_accuracy)
+    # RL: PPO against the reward model, centred per prompt on the candidates the annotator saw
+    centred_reward = prompt_centred(reward.score, dict(zip(train_prompts, candidates)))
+    torch.manual_seed(knobs.ppo.seed)
+    new, stats = improve_policy("ppo", base, tokenizer, train_prompts, centred_reward, knobs.ppo)
+    log.info("%s: PPO done at %.0fs", name, time.perf_counter() - started)
+    update_seconds = [s.seconds - s.extra["rollout_seconds"] for s in stats]
+    rollout_tps = sum(s.extra["response_tokens"] for s in stats) / sum(s.extra["rollout_seconds"] for s in stats)
+    # evaluate on held-out prompts: new answers against the base policy's, by the hidden preference
+    torch.manual_seed(knobs.ppo.seed + 1)
+    _, new_answers, _ = sample(new, tokenizer, eval_prompts[::knobs.eval_samples], knobs.eval_samples,
+                               knobs.ppo.max_new_tokens)
+    t = tally(new_answers, base_answers, preference)
+    reward_new = sum(reward.score(eval_prompts, new_answers)) / len(new_answers)
+    reward_base = sum(reward.score(eval_prompts, base_answers)) / len(base_answers)
+    kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
+    published, reason = should_publish(kl, max_kl, reward_new, reward_base)
+    return Result(
+        preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, ppo_steps=len(stats),
+        seconds_per_update=sum(update_seconds) / len(update_seconds), rollout_tokens_per_s=rollout_tps,
+        final_train_kl=stats[-1].kl, held_out_kl=kl, wins=t.wins, losses=t.losses, ties=t.ties,
+        win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
+        nll_base_answers=answer_nll(base, tokenizer, eval_prompts, base_answers),
+        nll_new_answers=answer_nll(base, tokenizer, eval_prompts, new_answers),
+        reward_base=reward_base, reward_new=reward_new, published=published, reason=reason,
+        peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,
+        samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::knobs.eval_samples], new_answers[::knobs.eval_samples])][:6],
+    )
+
+
+def held_out_accuracy(reward: RewardModel, prompts: list[str], answers: list[str], preference) -> float:
+    """Agreement of the reward model with the preference on every pair of answers to one prompt that it separates."""
+    by_prompt: dict[str, list[str]] = {}
+    for p, a in zip(prompts, answers):
+        by_prompt.setdefault(p, []).append(a)
+    right = total = 0
+    for p, group in by_prompt.items():
+        scores = reward.score([p] * len(group), group)
+        for i in range(len(group)):
+            for j in range(len(group)):
+                if preference(group[i]) > preference(group[j]):
+                    total += 1
+                    right += scores[i] > scores[j]
+    return right / total if total else float("nan")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(results: list[Result], generation_tps: float) -> str:
+    head = ("| preference | pairs | RM acc. | PPO steps | s / update | rollout tok/s | KL train (nats/seq) | "
+            "KL held-out (nats/ans) | win-rate (W/L/T) | p | NLL base -> new (nats/tok) | RM reward base -> new | "
+            "publish | peak RSS |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        rows.append(
+            f"| {r.preference} | {r.pairs} | {r.rm_held_out_accuracy:.2f} | {r.ppo_steps} | {r.seconds_per_update:.1f} | "
+            f"{r.rollout_tokens_per_s:.0f} | {r.final_train_kl:.2f} | {r.held_out_kl:.2f} | "
+            f"{r.win_rate:.3f} ({r.wins}/{r.losses}/{r.ties}) | {r.p_value:.3g} | "
+            f"{r.nll_base_answers:.2f} -> {r.nll_new_answers:.2f} ({r.nll_new_answers - r.nll_base_answers:+.2f}) | "
+            f"{r.reward_base:.2f} -> {r.reward_new:.2f} | {'yes' if r.published else 'no'} | {r.peak_rss_gb:.1f} GB |"
+        )
+    rows.append(f"\nBase policy generation (held-out answers): {generation_tps:.0f} tokens/s.")
+    return "\n".join(rows)
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, fp32")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preferences", nargs="+", default=list(PREFERENCES), choices=list(PREFERENCES))
+    parser.add_argument("--steps", type=int, default=Knobs().ppo.steps)
+    parser.add_argument("--lr", type=float, default=Knobs().ppo.learning_rate)
+    parser.add_argument("--kl-coef", type=float, default=Knobs().ppo.init_kl_coef)
+    parser.add_argument("--max-new-tokens", type=int, default=Knobs().ppo.max_new_tokens)
+    parser.add_argument("--lora-rank", type=int, default=Knobs().ppo.lora_rank)
+    parser.add_argument("--batch-size", type=int, default=Knobs().ppo.batch_size)
+    parser.add_argument("--stop-kl", type=float, default=Knobs().ppo.stop_kl)
+    parser.add_argument("--max-kl", type=float, default=12.0, help="PPO_MAX_KL of the guard rail, nats per answer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ppo-epochs", type=int, default=Knobs().ppo.ppo_epochs)
+    parser.add_argument("--samples", type=Path, help="cache of the base policy's candidates and held-out answers")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    base_knobs = Knobs()
+    ppo = PPOConfig(**{**asdict(base_knobs.ppo), "steps": args.steps, "learning_rate": args.lr,
+                       "init_kl_coef": args.kl_coef, "max_new_tokens": args.max_new_tokens,
+                       "lora_rank": args.lora_rank, "batch_size": args.batch_size, "stop_kl": args.stop_kl,
+                       "ppo_epochs": args.ppo_epochs,
+                       "mini_batch_size": min(base_knobs.ppo.mini_batch_size, args.batch_size)})
+    knobs = Knobs(ppo=ppo)
+    started = time.perf_counter()
+
+    base, tokenizer = load_causal_lm(resolve_policy(DEFAULT_POLICY, ROOT / ".cache"))
+    encoder_model, encoder_tokenizer = load_encoder(resolve_encoder(DEFAULT_ENCODER))
+    encoder = TextEncoder(encoder_model, encoder_tokenizer, DEFAULT_ENCODER, store=None)
+    train_prompts, held_out = split_prompts(knobs.held_out)
+    # candidates the annotators rank, and the base policy's held-out answers: shared by every preference
+    if args.samples and args.samples.exists():  # a rerun with other PPO knobs skips the base policy's sampling
+        cached = json.loads(args.samples.read_text())
+        candidates, eval_prompts, base_answers = cached["candidates"], cached["eval_prompts"], cached["base_answers"]
+        generation_tps = cached["generation_tps"]
+    else:
+        torch.manual_seed(0)
+        candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
+        log.info("%d candidates in %.0fs", knobs.candidates * len(train_prompts), time.perf_counter() - started)
+        torch.manual_seed(1)
+        eval_prompts, base_answers, generation_tps = sample(base, tokenizer, held_out, knobs.eval_samples,
+                                                            knobs.ppo.max_new_tokens)
+        if args.samples:
+            args.samples.write_text(json.dumps({"candidates": candidates, "eval_prompts": eval_prompts,
+                                                "base_answers": base_answers, "generation_tps": generation_tps}))
+    log.info("candidates and base answers in %.0fs (%.0f tokens/s)", time.perf_counter() - started, generation_tps)
+
+    results = []
+    for name in args.preferences:
+        results.append(run_experiment(name, PREFERENCES[name], base, tokenizer, encoder, train_prompts, candidates,
+                                      eval_prompts, base_answers, knobs, args.max_kl))
+        log.info("%s", json.dumps(asdict(results[-1]), indent=1))
+
+    print(f"## PPO against simulated annotators ({len(held_out)} held-out prompts x {knobs.eval_samples} samples)\n")
+    print(markdown(results, generation_tps))
+    print(f"\nPPO: {ppo}\nMachine: {machine()}. Total {time.perf_counter() - started:.0f}s.")
+    if args.json:
+        args.json.write_text(json.dumps({"ppo": asdict(ppo), "machine": machine(),
+                                         "results": [asdict(r) for r in results]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

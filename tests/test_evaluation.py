@@ -1,0 +1,147 @@
+"""Tests of backend/evaluation.py against hand-computed values: win-rates, the sign test, NLL and
+KL under stub models with known distributions, and the publish guard rail."""
+
+from __future__ import annotations
+
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from backend.evaluation import (
+    Tally,
+    answer_logprobs,
+    answer_nll,
+    sampled_kl,
+    should_publish,
+    sign_test_p_value,
+    tally,
+    win_rate,
+)
+from backend.models import load_causal_lm
+
+
+def has_digit(answer: str) -> float:
+    return float(bool(re.search(r"\d", answer)))
+
+
+# ----------------------------------------------------------------------------- win-rates
+
+
+def test_win_rate_counts_ties_as_half():
+    # scores new [1, 0, 1] vs base [0, 0, 1]: one win, two ties -> (1 + 2 / 2) / 3
+    assert win_rate(["7 days", "a week", "12"], ["a week", "seven", "3"], has_digit) == pytest.approx(2 / 3)
+
+
+def test_tally_counts_wins_losses_and_ties_pairwise():
+    assert tally(["1", "a", "b", "2"], ["a", "1", "c", "3"], has_digit) == Tally(wins=1, losses=1, ties=2)
+
+
+def test_win_rate_of_identical_answers_is_one_half():
+    assert win_rate(["a", "1"], ["a", "1"], has_digit) == 0.5
+
+
+def test_tally_rejects_unpaired_answers():
+    with pytest.raises(ValueError, match="2 new answers but 1 base answers"):
+        tally(["a", "b"], ["a"], has_digit)
+
+
+def test_sign_test_p_value_matches_binomial_tail():
+    assert sign_test_p_value(5, 0) == pytest.approx(1 / 32)  # all five flips heads
+    assert sign_test_p_value(3, 2) == pytest.approx((10 + 5 + 1) / 32)  # P(X >= 3), X ~ Bin(5, 1/2)
+    assert sign_test_p_value(0, 0) == 1.0
+
+
+# ----------------------------------------------------------------------------- likelihoods
+
+
+class FixedDistributionLM(nn.Module):
+    """A stub causal LM whose next-token distribution is `probs` (V,) at every position."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.log_probs = probs.log()
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        b, length = input_ids.shape
+        return SimpleNamespace(logits=self.log_probs.expand(b, length, -1).clone())  # (b, L, V)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_policy):
+    return load_causal_lm(str(tiny_policy))[1]
+
+
+def test_answer_nll_under_uniform_model_is_log_vocabulary_size(tokenizer):
+    vocab = len(tokenizer)
+    uniform = FixedDistributionLM(torch.full((vocab,), 1 / vocab))
+    nll = answer_nll(uniform, tokenizer, ["Tell me a joke.", "Name a number."], ["Why did the chicken", "42"])
+    assert nll == pytest.approx(math.log(vocab), rel=1e-5)
+
+
+def test_answer_logprobs_scores_only_answer_tokens_and_empty_answers_score_nothing(tokenizer):
+    vocab = len(tokenizer)
+    uniform = FixedDistributionLM(torch.full((vocab,), 1 / vocab))
+    answers = ["Paris is the capital", ""]
+    sums, counts = answer_logprobs(uniform, tokenizer, ["What is the capital of France?"] * 2, answers)
+    n = len(tokenizer(answers[0], add_special_tokens=False)["input_ids"])
+    assert counts.tolist() == [n, 0]
+    assert sums.tolist() == pytest.approx([-n * math.log(vocab), 0.0], rel=1e-5)
+
+
+def test_sampled_kl_is_mean_log_ratio_per_answer(tokenizer):
+    vocab = len(tokenizer)
+    # new puts twice base's probability on every token an answer uses: log ratio log(2) per token
+    answer = "Paris"
+    used = set(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    base_p = torch.full((vocab,), 1 / vocab)
+    new_p = base_p.clone()
+    for t in used:
+        new_p[t] *= 2
+    new_p[[t for t in range(vocab) if t not in used]] *= (1 - 2 * len(used) / vocab) / (1 - len(used) / vocab)
+    n = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    kl = sampled_kl(FixedDistributionLM(new_p), FixedDistributionLM(base_p), tokenizer, ["Capital?"], [answer])
+    assert kl == pytest.approx(n * math.log(2), rel=1e-4)
+
+
+def test_answer_nll_of_only_empty_answers_raises(tokenizer):
+    uniform = FixedDistributionLM(torch.full((len(tokenizer),), 1 / len(tokenizer)))
+    with pytest.raises(ValueError, match="every answer is empty"):
+        answer_nll(uniform, tokenizer, ["a"], [""])
+
+
+# ----------------------------------------------------------------------------- guard rail
+
+
+def test_should_publish_accepts_small_kl_and_higher_reward():
+    ok, reason = should_publish(2.0, 10.0, held_out_reward_new=0.5, held_out_reward_old=0.1)
+    assert ok and "KL 2.000 <= 10.000" in reason
+
+
+def test_should_publish_refuses_kl_above_max():
+    ok, reason = should_publish(12.5, 10.0, held_out_reward_new=0.5, held_out_reward_old=0.1)
+    assert not ok and "final KL 12.500 > PPO_MAX_KL 10.000" in reason
+
+
+def test_should_publish_refuses_fallen_held_out_reward():
+    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.2, held_out_reward_old=0.3)
+    assert not ok and "held-out reward fell from 0.3000 to 0.2000" in reason
+
+
+def test_should_publish_tolerates_a_fall_within_tolerance():
+    ok, _ = should_publish(1.0, 10.0, held_out_reward_new=0.25, held_out_reward_old=0.3, reward_tolerance=0.1)
+    assert ok
+
+
+def test_should_publish_refuses_reward_model_below_min_accuracy_but_not_unknown_accuracy():
+    ok, reason = should_publish(1.0, 10.0, 0.5, 0.1, rm_accuracy=0.52, min_rm_accuracy=0.6)
+    assert not ok and "PPO_MIN_RM_ACCURACY" in reason
+    assert should_publish(1.0, 10.0, 0.5, 0.1, rm_accuracy=None, min_rm_accuracy=0.6)[0]
+
+
+def test_should_publish_refuses_non_finite_kl():
+    ok, reason = should_publish(float("nan"), 10.0, 0.5, 0.1)
+    assert not ok and "diverged" in reason

@@ -1,0 +1,75 @@
+"""Tests of backend/rl.py: a real update of a tiny random Llama by each algorithm (PPO, trl's GRPO
+and RLOO), the reward-function adapter for trl's conversational and plain prompts, and argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backend.models import load_causal_lm
+from backend.ppo import PPOConfig
+from backend.rl import StepStats, improve_policy, trl_reward_function
+
+PROMPTS = ["What is the capital of France?", "Tell me a joke.", "How do I bake bread?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_policy):
+    return load_causal_lm(str(tiny_policy))
+
+
+def count_a_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    if len(prompts) != len(responses) or not all(p in PROMPTS for p in prompts):
+        raise AssertionError(f"reward_fn got prompts {prompts!r}: expected the raw prompts, one per response")
+    return [r.count("a") + 0.1 * len(r) for r in responses]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+def test_improve_policy_changes_lora_targets_and_leaves_input_model_untouched(tiny, algorithm):
+    model, tokenizer = tiny
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    seen: list[StepStats] = []
+    config = PPOConfig(steps=2, batch_size=2, mini_batch_size=1, max_new_tokens=8, lora_rank=4, learning_rate=1e-2)
+    new_model, stats = improve_policy(algorithm, model, tokenizer, PROMPTS, count_a_reward, config,
+                                      group_size=2, on_step=seen.append)
+
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())  # read, never written
+    after = new_model.state_dict()
+    assert set(after) == set(original)  # a plain model: LoRA merged, no adapter or value-head keys
+    changed = [k for k, v in original.items() if not torch.equal(v, after[k])]
+    assert any("q_proj" in k for k in changed) and any("v_proj" in k for k in changed)
+    assert not new_model.training and not any(p.requires_grad for p in new_model.parameters())
+
+    assert [s.step for s in stats] == [1, 2] and seen == stats
+    for s in stats:
+        assert math.isfinite(s.reward_mean) and s.kl is not None and math.isfinite(s.kl)  # a sampled estimate: may be < 0
+        assert s.entropy is not None and s.entropy > 0 and s.eta_seconds >= 0
+    assert stats[-1].eta_seconds == 0
+
+
+def test_trl_reward_function_scores_raw_prompt_and_text_of_conversational_completions():
+    calls = []
+    reward = trl_reward_function(lambda p, r: calls.append((p, r)) or [float(len(x)) for x in r])
+    scores = reward(prompts=[[{"role": "user", "content": "Hi?"}]],
+                    completions=[[{"role": "assistant", "content": " Hello! "}]], raw_prompt=["Hi?"],
+                    completion_ids=[[1, 2]])
+    assert scores == [6.0] and calls == [(["Hi?"], ["Hello!"])]
+
+
+def test_trl_reward_function_scores_plain_text_completions():
+    reward = trl_reward_function(lambda p, r: [float(len(x)) for x in r])
+    assert reward(prompts=["<|im_start|>user\nHi?"], completions=["ab ", "abc"], raw_prompt=["Hi?", "Hi?"]) == [2.0, 3.0]
+
+
+def test_improve_policy_rejects_unknown_algorithm(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"RL_ALGORITHM='dpo' is not supported: use one of ppo, grpo, rloo"):
+        improve_policy("dpo", model, tokenizer, PROMPTS, count_a_reward, PPOConfig())
+
+
+def test_improve_policy_rejects_group_of_one_for_grpo(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="group_size=1 is invalid for grpo"):
+        improve_policy("grpo", model, tokenizer, PROMPTS, count_a_reward, PPOConfig(), group_size=1)

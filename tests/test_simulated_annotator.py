@@ -1,0 +1,76 @@
+"""The loop against a scripted annotator whose hidden preference is "contains a number": candidates ->
+rankings -> pairs -> reward model -> PPO -> held-out win-rate against the base policy.
+
+Two sizes of bench/ppo_loop.py's experiment:
+- tiny models (seconds): the direction only, the new policy wins more than half of the comparisons;
+- the real models (`real_models` marker, about 6 minutes on one core): bench/ppo_loop.py's run for
+  this preference, asserting a win the sign test calls significant, and the new answers' NLL under
+  the base policy at most 0.5 nats/token above the base policy's own answers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ppo_loop import PREFERENCES, Knobs, run_experiment, sample, split_prompts  # noqa: E402
+
+from backend.generation import sample_completions  # noqa: E402
+from backend.models import (  # noqa: E402
+    DEFAULT_ENCODER,
+    DEFAULT_POLICY,
+    load_causal_lm,
+    load_encoder,
+    resolve_encoder,
+    resolve_policy,
+)
+from backend.ppo import PPOConfig  # noqa: E402
+from backend.reward import TextEncoder  # noqa: E402
+
+
+def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float, name: str = "contains_number"):
+    base, tokenizer = load_causal_lm(policy_path)
+    encoder = TextEncoder(*load_encoder(encoder_path), name="encoder", store=None)
+    train_prompts, held_out = split_prompts(knobs.held_out)
+    torch.manual_seed(0)
+    candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
+    torch.manual_seed(1)
+    eval_prompts, base_answers, _ = sample(base, tokenizer, held_out, knobs.eval_samples, knobs.ppo.max_new_tokens)
+    return run_experiment(name, PREFERENCES[name], base, tokenizer, encoder, train_prompts, candidates,
+                          eval_prompts, base_answers, knobs, max_kl)
+
+
+def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference(tiny_policy, tiny_encoder):
+    knobs = Knobs(candidates=4, candidate_tokens=12, eval_samples=4, held_out=24, ppo=PPOConfig(
+        steps=10, batch_size=8, mini_batch_size=4, max_new_tokens=12, lora_rank=8, learning_rate=1e-1))
+    # "shorter": a random tiny encoder cannot see digits, but the reward model's length feature sees length
+    result = experiment(str(tiny_policy), str(tiny_encoder), knobs, max_kl=1e9, name="shorter")
+    assert result.pairs > 0
+    assert result.reward_new > result.reward_base, result  # PPO climbed the reward model it was given
+    assert result.win_rate > 0.5, result  # and so the hidden preference behind it
+
+
+@pytest.fixture
+def one_thread():
+    # the bench's setting: on 2 cores shared with other jobs, 2 torch threads ran PPO steps 10-30x
+    # slower than 1 thread (their barriers wait on a descheduled thread); it also pins the samples
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.real_models
+def test_ppo_on_smollm2_wins_by_the_hidden_preference_without_drifting_off(one_thread):
+    # bench/ppo_loop.py's defaults (about 6 minutes on one core): 288 candidates ranked, 16 PPO steps
+    result = experiment(resolve_policy(DEFAULT_POLICY, ROOT / ".cache"), resolve_encoder(DEFAULT_ENCODER),
+                        Knobs(), max_kl=12.0)
+    assert result.win_rate > 0.5 and result.p_value < 0.05, result  # one-sided sign test over non-tied pairs
+    assert result.nll_new_answers - result.nll_base_answers <= 0.5, result
+    assert result.published, result

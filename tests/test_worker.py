@@ -1,0 +1,109 @@
+"""The training worker's jobs on tiny models, in-process: triggers and the guard rails of a policy update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backend import ledger
+from backend.preferences import PreferencePair
+from backend.reward import is_held_out
+from backend.settings import load_settings
+from backend.store import Job, Store
+from backend.worker import Worker
+
+RANKER = (Path(__file__).resolve().parents[1] / "templates" / "ranker.xml").read_text()
+PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(30)]
+
+
+def make_worker(tiny_env: dict, **overrides) -> Worker:
+    settings = load_settings({**tiny_env, **{k.upper(): str(v) for k, v in overrides.items()}})
+    store = Store(settings.store_url)
+    store.create_schema()
+    return Worker(settings, store)
+
+
+def seed_project(store: Store, annotated: int = 12) -> None:
+    """A project whose tasks have candidates, the first `annotated` of them ranked (shorter answer wins)."""
+    store.save_project(1, RANKER)
+    for task_id, prompt in enumerate(PROMPTS, start=1):
+        items = [{"id": "c0", "body": f"{task_id * 2}"}, {"id": "c1", "body": f"I think it is {task_id * 2}"}]
+        store.save_task(1, task_id, {"prompt": prompt, "answers": items}, policy_version=0)
+        if task_id <= annotated:
+            pair = PreferencePair(project_id=1, task_id=task_id, annotator=1, prompt=prompt, chosen=items[0]["body"],
+                                  rejected=items[1]["body"], margin=0.0, chosen_policy_version=0,
+                                  rejected_policy_version=0, chosen_id="c0", rejected_id="c1")
+            store.apply_annotation_event(ledger.AnnotationSaved(task_id, 1, task_id, None, (pair,)))
+
+
+def job(kind: str) -> Job:
+    return Job(id=0, kind=kind, project_id=1, payload={})
+
+
+def test_the_prompts_split_into_training_and_held_out_by_prompt(tiny_env):
+    worker = make_worker(tiny_env)
+    seed_project(worker.store)
+    train, held_out = worker.training_prompts()
+    assert set(train) | set(held_out) == set(PROMPTS) and not set(train) & set(held_out)
+    assert held_out and all(is_held_out(p) for p in held_out)
+
+
+def test_ppo_is_queued_once_enough_new_pairs_arrived(tiny_env):
+    worker = make_worker(tiny_env, ppo_trigger_pairs=12)
+    seed_project(worker.store, annotated=11)
+    worker.queue_policy_update_if_due(1)
+    assert not worker.store.has_active_job("train_policy")
+    seed_project(worker.store, annotated=12)
+    worker.queue_policy_update_if_due(1)
+    worker.queue_policy_update_if_due(1)
+    assert worker.store.job_counts() == {"queued": 1}
+
+
+def test_ppo_waits_while_the_reward_model_is_worse_than_the_accuracy_floor(tiny_env):
+    worker = make_worker(tiny_env, ppo_trigger_pairs=1, ppo_min_rm_accuracy=0.9)
+    seed_project(worker.store)
+    worker.store.publish_version("reward", 1, "/rm", 12, {"held_out_accuracy": 0.6})
+    worker.queue_policy_update_if_due(1)
+    assert not worker.store.has_active_job("train_policy")
+    assert "PPO_MIN_RM_ACCURACY" in worker.store.events()[-1]["message"]
+
+
+def test_pairs_before_the_last_policy_do_not_count_towards_the_next(tiny_env):
+    worker = make_worker(tiny_env, ppo_trigger_pairs=5)
+    seed_project(worker.store, annotated=12)
+    worker.store.publish_version("policy", 0, "/base", 12, {"last_pair_id": worker.store.max_pair_id()})
+    worker.queue_policy_update_if_due(1)
+    assert not worker.store.has_active_job("train_policy")
+
+
+def test_a_policy_that_drifts_past_max_kl_is_not_published(tiny_env):
+    worker = make_worker(tiny_env, ppo_max_kl=1e-9, ppo_learning_rate=0.05)
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    assert [v.version for v in worker.store.versions("policy")] == [0]
+    rejected = [e for e in worker.store.events() if e["kind"] == "policy_rejected"]
+    assert rejected and "PPO_MAX_KL" in rejected[0]["message"]
+    assert not list(Path(tiny_env["MODEL_DIR"], "policy").glob("v0001"))  # nothing half-written either
+
+
+def test_a_policy_within_the_guard_rails_is_published_and_candidates_regenerated(tiny_env):
+    worker = make_worker(tiny_env)  # tiny_env's guard rails let any tiny policy through
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    latest = worker.store.latest_version("policy")
+    assert latest.version == 1 and Path(latest.path, "config.json").exists()
+    assert latest.metrics["last_pair_id"] == worker.store.max_pair_id()
+    assert "kl" in latest.metrics and "reward_new" in latest.metrics
+    assert worker.store.claim_job("t").kind == "regenerate"
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_algorithms_run_behind_the_same_job(tiny_env, algorithm):
+    worker = make_worker(tiny_env, rl_algorithm=algorithm, rl_group_size=2, ppo_steps=1)
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    assert worker.store.latest_version("policy").metrics["algorithm"] == algorithm
