@@ -47,6 +47,26 @@ def tiny_env(tmp_path, tiny_policy, tiny_encoder) -> dict[str, str]:
     }
 
 
+@pytest.fixture
+def store(tmp_path):
+    """An empty store in a fresh SQLite file."""
+    from backend.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    store.create_schema()
+    return store
+
+
+@pytest.fixture
+def encoder(tiny_encoder, store):
+    """The tiny encoder, caching its embeddings in `store`."""
+    from backend.models import load_encoder
+    from backend.reward import TextEncoder
+
+    model, tokenizer = load_encoder(str(tiny_encoder))
+    return TextEncoder(model, tokenizer, name="tiny", store=store)
+
+
 def payload(name: str) -> dict:
     """The body of a request Label Studio 1.23 really sent (shared/label-studio/payloads)."""
     return json.loads((PAYLOADS / f"{name}.json").read_text())["body"]

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from backend.models import load_encoder
 from backend.reward import (
     RewardModel,
     TextEncoder,
@@ -14,20 +13,6 @@ from backend.reward import (
     num_features,
     ranking_confidence,
 )
-from backend.store import Store
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
-    store.create_schema()
-    return store
-
-
-@pytest.fixture
-def encoder(tiny_encoder, store):
-    model, tokenizer = load_encoder(str(tiny_encoder))
-    return TextEncoder(model, tokenizer, name="tiny", store=store)
 
 
 def test_bradley_terry_loss_matches_hand_computed_value():

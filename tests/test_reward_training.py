@@ -7,9 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from backend.ledger import AnnotationSaved
-from backend.models import load_encoder
 from backend.preferences import PreferencePair
-from backend.reward import FineTunedRewardModel, RewardModel, TextEncoder, is_held_out, load_reward_model, num_features
+from backend.reward import FineTunedRewardModel, RewardModel, is_held_out, load_reward_model, num_features
 from backend.reward_cli import reward_app
 from backend.reward_training import (
     PairRecord,
@@ -26,19 +25,6 @@ from backend.reward_training import (
 from backend.store import Store
 
 GOOD, BAD = "the answer is {i} days in a week", "I am sorry, I cannot help with that."
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
-    store.create_schema()
-    return store
-
-
-@pytest.fixture
-def encoder(tiny_encoder, store):
-    model, tokenizer = load_encoder(str(tiny_encoder))
-    return TextEncoder(model, tokenizer, name="tiny", store=store)
 
 
 def records(start: int, n: int, flip: bool = False) -> list[PairRecord]:

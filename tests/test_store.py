@@ -3,13 +3,6 @@ import pytest
 from backend.store import Store
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
-    store.create_schema()
-    return store
-
-
 def test_a_burst_of_jobs_of_one_kind_folds_into_one_queued_job(store):
     ids = {store.enqueue("generate", 1, task_ids=[i]) for i in range(5)}
     assert len(ids) == 1
