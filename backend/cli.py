@@ -88,6 +88,30 @@ def sync(project: int = typer.Option(..., "--project", help="Label Studio projec
 
 
 @cli.command()
+def train(project: int = typer.Option(..., "--project", help="Label Studio project id"),
+          wait: bool = typer.Option(False, "--wait", help="Follow the run's events until it ends")) -> None:
+    """Queue a policy update now, whatever the pair count (the running worker picks it up)."""
+    import time
+
+    from backend.store import Store
+
+    store = Store(_settings().store_url)
+    store.create_schema()
+    last_event = max((e["id"] for e in store.events(limit=1_000_000)), default=0)
+    store.enqueue("sync", project)  # as "Start training" does: catch up with Label Studio first
+    job_id = store.enqueue("train_policy", project)  # absorbed by a run already queued or running
+    typer.echo(f"policy update queued as job {job_id}")
+    while wait:
+        for event in store.events(after_id=last_event):
+            typer.echo(f"[{event['kind']}] {event['message']}")
+            last_event = event["id"]
+        state = store.job_state(job_id)
+        if state in ("done", "failed"):
+            raise typer.Exit(0 if state == "done" else 1)
+        time.sleep(2)
+
+
+@cli.command()
 def export(project: int = typer.Option(..., "--project", help="Label Studio project id"),
            fmt: str = typer.Option("trl", "--format", help="trl: JSON Lines for trl; hf: a datasets directory"),
            out: Path = typer.Option(None, "--out", help="File (trl) or directory (hf); trl defaults to stdout")) -> None:

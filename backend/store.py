@@ -407,6 +407,10 @@ class Store:
             result = s.execute(update(JobRow).where(JobRow.state == "running").values(state="queued", claimed_by=None))
             return result.rowcount or 0
 
+    def job_state(self, job_id: int) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(JobRow.state).where(JobRow.id == job_id))
+
     def job_counts(self) -> dict[str, int]:
         with self.session() as s:
             rows = s.execute(select(JobRow.state, func.count(JobRow.id)).group_by(JobRow.state))

@@ -87,3 +87,12 @@ def test_export_of_unknown_format_names_the_supported_ones(env, tmp_path):
     _store_with_pairs(env)
     result = run(env, "export", "--project", "4", "--format", "csv", "--out", str(tmp_path / "x"))
     assert result.exit_code == 2 and "trl" in result.output and "hf" in result.output
+
+
+def test_train_queues_one_policy_update_after_a_sync(env):
+    assert run(env, "train", "--project", "5").exit_code == 0
+    result = run(env, "train", "--project", "5")
+    assert result.exit_code == 0 and "policy update queued" in result.output
+    store = Store(load_settings(env).store_url)
+    kinds = [store.claim_job("t").kind for _ in range(2)]
+    assert kinds == ["sync", "train_policy"] and store.claim_job("t") is None
