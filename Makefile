@@ -4,7 +4,7 @@ VENV := .venv
 LS_VENV := .venv-labelstudio
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo bench serve clean
+.PHONY: install postgres test test-fast demo bench serve clean
 
 install: $(VENV)/.installed $(LS_VENV)/.installed
 
@@ -25,7 +25,13 @@ $(LS_VENV)/.installed:
 	$(LS_VENV)/bin/pip install -q label-studio==1.23.2
 	touch $@
 
-test: install
+# The store's tests also run against a throwaway PostgreSQL cluster (DATABASE_URL); the machine image
+# ships PostgreSQL, elsewhere it comes from Debian's packages.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
+
+test: install postgres
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -13,7 +13,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +130,29 @@ def _launch(command: list[str], port: int, log: Path, timeout: float, **popen) -
         stop(process)
         raise
     return Server(url, process, log)
+
+
+def start_postgres(data_dir: Path, timeout: float = 60) -> tuple[str, Callable[[], None]]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (for the store's tests); returns its URL and a stop function.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user.
+    """
+    bin_dir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+    if bin_dir is None:
+        raise FileNotFoundError("PostgreSQL is not installed: apt-get install postgresql")
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if as_owner:
+        shutil.chown(data_dir, "postgres", "postgres")
+        for parent in data_dir.parents:  # temporary directories are 0700: let the postgres user through
+            if parent == Path(tempfile.gettempdir()) or parent == Path("/"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o011)
+    port = free_port()
+    subprocess.run([*as_owner, str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True, timeout=timeout)
+    ctl = [*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-w", "-t", str(int(timeout))]
+    subprocess.run([*ctl, "-o", f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1", "-l",
+                    str(data_dir / "server.log"), "start"], check=True, capture_output=True, timeout=timeout + 10)
+    return (f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
+            lambda: subprocess.run([*ctl, "-m", "fast", "stop"], capture_output=True, timeout=timeout + 10))

@@ -67,6 +67,34 @@ def encoder(tiny_encoder, store):
     return TextEncoder(model, tokenizer, name="tiny", store=store)
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster for the session (PostgreSQL 15 is on the machine image)."""
+    import tempfile
+
+    from backend.local_servers import start_postgres
+
+    url, stop = start_postgres(Path(tempfile.mkdtemp(prefix="rlhf-pg-")) / "data")
+    yield url
+    stop()
+
+
+@pytest.fixture
+def postgres_database(postgres_server, request) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import re
+
+    from sqlalchemy import create_engine
+
+    name = "t_" + re.sub(r"\W", "_", request.node.name.lower())[-50:]
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+
+
 def payload(name: str) -> dict:
     """The body of a request Label Studio 1.23 really sent (shared/label-studio/payloads)."""
     return json.loads((PAYLOADS / f"{name}.json").read_text())["body"]

@@ -3,6 +3,21 @@ import pytest
 from backend.store import Store
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """An empty database of each kind the store supports: SQLite (default) and PostgreSQL (DATABASE_URL)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    return request.getfixturevalue("postgres_database")
+
+
+@pytest.fixture
+def store(store_url) -> Store:
+    store = Store(store_url)
+    store.create_schema()
+    return store
+
+
 def test_a_burst_of_jobs_of_one_kind_folds_into_one_queued_job(store):
     ids = {store.enqueue("generate", 1, task_ids=[i]) for i in range(5)}
     assert len(ids) == 1
@@ -49,7 +64,9 @@ def test_next_version_counts_up_per_kind(store):
 
 def test_publishing_the_same_version_twice_fails_loudly(store):
     store.publish_version("reward", 1, "/r1", 3, {})
-    with pytest.raises(Exception, match="UNIQUE"):
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):
         store.publish_version("reward", 1, "/other", 3, {})
 
 
@@ -88,10 +105,10 @@ def test_only_one_policy_update_is_queued_or_running_at_a_time(store):
     assert store.enqueue("train_policy", None) != first
 
 
-def test_twin_jobs_queued_from_two_processes_fold_into_one(tmp_path):
+def test_twin_jobs_queued_from_two_processes_fold_into_one(store_url):
     import multiprocessing
 
-    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    url = store_url
     Store(url).create_schema()
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         ids = pool.starmap(_enqueue_in_another_process, [(url, i) for i in range(16)])
@@ -104,8 +121,8 @@ def _enqueue_in_another_process(url: str, task_id: int) -> int:
     return Store(url).enqueue("generate", 1, task_ids=[task_id])
 
 
-def test_schema_migrations_are_safe_to_run_twice(tmp_path):
-    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+def test_schema_migrations_are_safe_to_run_twice(store_url):
+    url = store_url
     Store(url).create_schema()
     Store(url).create_schema()
     assert Store(url).pair_count() == 0
@@ -126,13 +143,13 @@ def test_rollback_to_an_unknown_version_names_the_known_ones(store):
         store.rollback("reward", 7)
 
 
-def test_a_database_of_the_first_schema_is_migrated_in_place(tmp_path):
+def test_a_database_of_the_first_schema_is_migrated_in_place(store_url):
     from alembic import command
     from alembic.config import Config
 
     from backend.store import MIGRATIONS
 
-    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    url = store_url
     old = Store(url)
     with old.engine.begin() as connection:
         config = Config()
