@@ -264,8 +264,11 @@ def fit_reward_version(store: Store, serving, reward_dir: Callable[[int], Path],
     mark = time.perf_counter()
     candidate_margins = score_margins(candidate, held)
     evaluation = evaluate_margins(candidate_margins)
-    publish, reason = True, "first trained version"
-    if serving.version is not None and held:
+    if serving.version is None:
+        publish, reason = True, "first trained version"
+    elif not held:
+        publish, reason = True, "no held-out pairs yet: published unchecked"
+    else:
         publish, reason = should_publish(candidate_margins, score_margins(serving, held))
     timings["eval_seconds"] = time.perf_counter() - mark
 
