@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from backend import ledger
+from backend.evaluation import HeldOutComparison
 from backend.preferences import PreferencePair
 from backend.reward import is_held_out
 from backend.settings import load_settings
@@ -77,15 +78,23 @@ def test_pairs_before_the_last_policy_do_not_count_towards_the_next(tiny_env):
     assert not worker.store.has_active_job("train_policy")
 
 
-def test_a_policy_that_drifts_past_max_kl_is_not_published(tiny_env):
-    worker = make_worker(tiny_env, ppo_max_kl=1e-9, ppo_learning_rate=0.05)
+@pytest.mark.parametrize("comparison,reason", [
+    (HeldOutComparison(kl=5.0, reward_new=1.0, reward_old=0.0), "PPO_MAX_KL"),
+    (HeldOutComparison(kl=0.5, reward_new=-1.0, reward_old=0.0), "held-out reward fell"),
+])
+def test_a_policy_past_the_guard_rails_is_not_published(tiny_env, monkeypatch, comparison, reason):
+    # the measured KL and rewards are fixed here: a tiny random policy's drift is noise (KL estimates
+    # can even come out negative); should_publish's thresholds have tests of their own
+    monkeypatch.setattr("backend.worker.compare_on_held_out", lambda *args, **kwargs: comparison)
+    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_reward_tolerance=0.0)
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
     assert [v.version for v in worker.store.versions("policy")] == [0]
     rejected = [e for e in worker.store.events() if e["kind"] == "policy_rejected"]
-    assert rejected and "PPO_MAX_KL" in rejected[0]["message"]
+    assert rejected and reason in rejected[0]["message"]
     assert not list(Path(tiny_env["MODEL_DIR"], "policy").glob("v0001"))  # nothing half-written either
+    assert not worker.store.has_active_job("regenerate")
 
 
 def test_a_policy_within_the_guard_rails_is_published_and_candidates_regenerated(tiny_env):
