@@ -136,13 +136,14 @@ class HeldOutComparison:
     kl: float  # KL(new || old), nats per answer, on answers the new policy sampled
     reward_new: float  # mean reward-model score of the new policy's answers
     reward_old: float  # ... and of the old policy's answers to the same prompts
+    nll_rise: float  # NLL/token under the old policy: new answers minus the old policy's own answers
 
 
 def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                         prompts: list[str], reward_fn: Callable[[list[str], list[str]], list[float]], samples: int,
                         max_new_tokens: int,
                         seed: int) -> HeldOutComparison:
-    """Both policies answer the held-out prompts (same seed); their KL and mean rewards, for `should_publish`."""
+    """Both policies answer the held-out prompts (same seed); KL, mean rewards and NLL rise, for `should_publish`."""
     answers = {}
     for name, model in (("new", new_model), ("old", old_model)):
         torch.manual_seed(seed)
@@ -154,6 +155,8 @@ def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, 
         kl=sampled_kl(new_model, old_model, tokenizer, repeated, answers["new"]),
         reward_new=mean(reward_fn(repeated, answers["new"])),
         reward_old=mean(reward_fn(repeated, answers["old"])),
+        nll_rise=(answer_nll(old_model, tokenizer, repeated, answers["new"])
+                  - answer_nll(old_model, tokenizer, repeated, answers["old"])),
     )
 
 
@@ -166,13 +169,17 @@ def should_publish(
     reward_tolerance: float = 0.0,
     rm_accuracy: float | None = None,
     min_rm_accuracy: float | None = None,
+    nll_rise: float | None = None,
+    max_nll_rise: float | None = None,
 ) -> tuple[bool, str]:
     """Whether a trained policy may replace the serving one, and why (one line).
 
     Refused when the policy drifted (final KL above `max_kl`), when its mean reward on held-out
     prompts fell by more than `reward_tolerance` below the old policy's, or when the reward
     model that judged it scores below `min_rm_accuracy` on held-out pairs (PPO then optimises
-    noise). An unknown accuracy (None: no held-out pairs yet) does not block.
+    noise), or when its answers lost fluency: their mean per-token NLL under the old policy rose by
+    more than `max_nll_rise` nats over the old policy's own answers (KL per answer misses this when
+    the new answers are short). An unknown accuracy (None: no held-out pairs yet) does not block.
     """
     if not math.isfinite(final_kl):
         return False, f"final KL is {final_kl}: the run diverged"
@@ -181,6 +188,9 @@ def should_publish(
     if held_out_reward_new < held_out_reward_old - reward_tolerance:
         return False, (f"held-out reward fell from {held_out_reward_old:.4f} to {held_out_reward_new:.4f}"
                        + (f" (tolerance {reward_tolerance:.4f})" if reward_tolerance else ""))
+    if nll_rise is not None and max_nll_rise is not None and nll_rise > max_nll_rise:
+        return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f} nats/token "
+                       f"> PPO_MAX_NLL_RISE {max_nll_rise:.3f}")
     if rm_accuracy is not None and min_rm_accuracy is not None and rm_accuracy < min_rm_accuracy:
         return False, (f"reward model held-out accuracy {rm_accuracy:.3f} < PPO_MIN_RM_ACCURACY "
                        f"{min_rm_accuracy:.3f}: its scores are too close to noise to train on")

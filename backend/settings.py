@@ -58,6 +58,8 @@ class Settings(BaseModel):
         6.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
     ppo_max_kl: float = Field(
         12.0, gt=0, description="Publish no policy whose held-out KL to the serving one exceeds this (nats/answer)")
+    ppo_max_nll_rise: float = Field(
+        0.5, gt=0, description="Publish no policy whose held-out answers' NLL under the serving one rose more (nats/token)")
     ppo_reward_tolerance: float = Field(
         0.0, ge=0, description="How far held-out reward may fall below the serving policy's and still publish")
     lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of policy updates; 0 fine-tunes every weight")

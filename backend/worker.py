@@ -173,7 +173,8 @@ class Worker:
             ok, reason = should_publish(comparison.kl, settings.ppo_max_kl, comparison.reward_new,
                                         comparison.reward_old, reward_tolerance=settings.ppo_reward_tolerance,
                                         rm_accuracy=rm.metrics.get("held_out_accuracy") if rm else None,
-                                        min_rm_accuracy=settings.ppo_min_rm_accuracy)
+                                        min_rm_accuracy=settings.ppo_min_rm_accuracy,
+                                        nll_rise=comparison.nll_rise, max_nll_rise=settings.ppo_max_nll_rise)
             metrics.update(asdict(comparison), guard=reason)
             if not ok:
                 self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "

@@ -43,6 +43,7 @@ def tiny_env(tmp_path, tiny_policy, tiny_encoder) -> dict[str, str]:
         "PPO_MIN_RM_ACCURACY": "0",
         "PPO_REWARD_TOLERANCE": "1000",
         "PPO_MAX_KL": "1000",
+        "PPO_MAX_NLL_RISE": "1000",
         "TORCH_THREADS": "1",
     }
 

@@ -145,3 +145,9 @@ def test_should_publish_refuses_reward_model_below_min_accuracy_but_not_unknown_
 def test_should_publish_refuses_non_finite_kl():
     ok, reason = should_publish(float("nan"), 10.0, 0.5, 0.1)
     assert not ok and "diverged" in reason
+
+
+def test_should_publish_refuses_answers_whose_nll_rose_past_the_bound():
+    ok, reason = should_publish(1.0, 10.0, 0.5, 0.1, nll_rise=0.7, max_nll_rise=0.5)
+    assert not ok and "PPO_MAX_NLL_RISE" in reason
+    assert should_publish(1.0, 10.0, 0.5, 0.1, nll_rise=0.4, max_nll_rise=0.5)[0]

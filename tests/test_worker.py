@@ -79,14 +79,15 @@ def test_pairs_before_the_last_policy_do_not_count_towards_the_next(tiny_env):
 
 
 @pytest.mark.parametrize("comparison,reason", [
-    (HeldOutComparison(kl=5.0, reward_new=1.0, reward_old=0.0), "PPO_MAX_KL"),
-    (HeldOutComparison(kl=0.5, reward_new=-1.0, reward_old=0.0), "held-out reward fell"),
+    (HeldOutComparison(kl=5.0, reward_new=1.0, reward_old=0.0, nll_rise=0.0), "PPO_MAX_KL"),
+    (HeldOutComparison(kl=0.5, reward_new=-1.0, reward_old=0.0, nll_rise=0.0), "held-out reward fell"),
+    (HeldOutComparison(kl=0.5, reward_new=1.0, reward_old=0.0, nll_rise=0.9), "PPO_MAX_NLL_RISE"),
 ])
 def test_a_policy_past_the_guard_rails_is_not_published(tiny_env, monkeypatch, comparison, reason):
     # the measured KL and rewards are fixed here: a tiny random policy's drift is noise (KL estimates
     # can even come out negative); should_publish's thresholds have tests of their own
     monkeypatch.setattr("backend.worker.compare_on_held_out", lambda *args, **kwargs: comparison)
-    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_reward_tolerance=0.0)
+    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_reward_tolerance=0.0, ppo_max_nll_rise=0.5)
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
@@ -105,7 +106,7 @@ def test_a_policy_within_the_guard_rails_is_published_and_candidates_regenerated
     latest = worker.store.latest_version("policy")
     assert latest.version == 1 and Path(latest.path, "config.json").exists()
     assert latest.metrics["last_pair_id"] == worker.store.max_pair_id()
-    assert "kl" in latest.metrics and "reward_new" in latest.metrics
+    assert "kl" in latest.metrics and "reward_new" in latest.metrics and "nll_rise" in latest.metrics
     assert worker.store.claim_job("t").kind == "regenerate"
 
 
