@@ -3,8 +3,9 @@
 Webhooks only record what happened and queue a job in the store; this process (started next to
 gunicorn by `rlhf-backend serve`, or alone with `rlhf-backend worker`) claims jobs one at a time:
 - generate:      prompts of new tasks -> K candidates each, written into the tasks in Label Studio
-- fit_reward:    every stored pair -> a new reward-model version; may queue train_policy
-- train_policy:  reward model + project prompts -> PPO -> a new policy version; queues regenerate
+- sync:          a project's annotations in Label Studio -> a store equal to them (missed webhooks)
+- fit_reward:    stored pairs -> a new reward-model version if it holds up; may queue train_policy
+- train_policy:  reward model + project prompts -> PPO/GRPO/RLOO -> guard rails -> a new policy version
 - regenerate:    tasks nobody annotated yet -> fresh candidates from the newest policy
 """
 
