@@ -194,5 +194,6 @@ def should_publish(
     if rm_accuracy is not None and min_rm_accuracy is not None and rm_accuracy < min_rm_accuracy:
         return False, (f"reward model held-out accuracy {rm_accuracy:.3f} < PPO_MIN_RM_ACCURACY "
                        f"{min_rm_accuracy:.3f}: its scores are too close to noise to train on")
+    fluency = "" if nll_rise is None else f", NLL rise {nll_rise:+.3f} nats/token"
     return True, (f"KL {final_kl:.3f} <= {max_kl:.3f}, held-out reward {held_out_reward_old:.4f} -> "
-                  f"{held_out_reward_new:.4f}")
+                  f"{held_out_reward_new:.4f}{fluency}")
