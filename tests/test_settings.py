@@ -29,8 +29,10 @@ def test_basic_auth_needs_user_and_password_together():
 
 
 def test_settings_are_frozen():
+    from pydantic import ValidationError
+
     settings = load_settings({})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         settings.num_candidates = 8
 
 
