@@ -163,6 +163,13 @@ def choose_l2_per_pair(diffs: torch.Tensor, margin: torch.Tensor, prompts: list[
     return min(losses, key=losses.get)
 
 
+def refit_head(model: "RewardModel", diffs: torch.Tensor, margin: torch.Tensor, prompts: list[str]) -> "RewardModel":
+    """A head fitted from scratch on every given pair, its L2 tuned on a split of these prompts."""
+    per_pair = choose_l2_per_pair(diffs, margin, prompts)
+    weights = fit_head(diffs, margin, l2=per_pair / max(1, len(prompts)))
+    return model.with_weights(weights, l2_per_pair=per_pair)
+
+
 class RewardModel:
     """The frozen encoder plus a Bradley-Terry head: score(prompts, responses) -> list of floats."""
 
@@ -199,9 +206,8 @@ class RewardModel:
         margin = torch.tensor(margins, dtype=torch.float32)
         held = torch.tensor([is_held_out(p) for p in prompts], dtype=torch.bool)
         train = ~held if (~held).any() else torch.ones_like(held)
-        train_prompts = [p for p, t in zip(prompts, train.tolist()) if t]
-        per_pair = choose_l2_per_pair(diffs[train], margin[train], train_prompts)
-        weights = fit_head(diffs[train], margin[train], l2=per_pair / int(train.sum()))
+        fitted = refit_head(self, diffs[train], margin[train], [p for p, t in zip(prompts, train.tolist()) if t])
+        weights, per_pair = fitted.weights, fitted.l2_per_pair
         accuracy = lambda mask: float(((diffs[mask] @ weights) > 0).float().mean())  # noqa: E731
         return FitResult(
             weights=weights,

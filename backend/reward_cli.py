@@ -61,8 +61,8 @@ def fit(pairs: Path = typer.Option(..., "--pairs", help="prompt/chosen/rejected 
     import torch
 
     from backend.models import resolve_encoder
-    from backend.reward import RewardModel
-    from backend.reward_training import UpdatePolicy, finetune_reward_model, refit_head
+    from backend.reward import RewardModel, refit_head
+    from backend.reward_training import UpdatePolicy, finetune_reward_model
 
     if tier not in ("head", "finetune"):
         raise _fail(f"--tier {tier!r} is not supported: use 'head' or 'finetune'")

@@ -28,10 +28,10 @@ import torch
 from backend.reward import (
     FineTunedRewardModel,
     RewardModel,
-    choose_l2_per_pair,
     finetune_text,
     fit_head,
     is_held_out,
+    refit_head,
 )
 from backend.store import Store
 
@@ -144,13 +144,6 @@ def should_publish(candidate: np.ndarray, serving: np.ndarray, z: float = 1.96) 
 
 
 # --- the default tier: a Bradley-Terry head on cached embeddings ---
-def refit_head(model: RewardModel, diffs: torch.Tensor, margin: torch.Tensor, prompts: list[str]) -> RewardModel:
-    """A head fitted from scratch on every given pair, its L2 tuned on a split of these prompts."""
-    per_pair = choose_l2_per_pair(diffs, margin, prompts)
-    weights = fit_head(diffs, margin, l2=per_pair / max(1, len(prompts)))
-    return model.with_weights(weights, l2_per_pair=per_pair)
-
-
 def incremental_head(model: RewardModel, diffs: torch.Tensor, margin: torch.Tensor, total_pairs: int,
                      iters: int) -> RewardModel:
     """The serving head, warm-started and moved a few L-BFGS steps on new + replayed pairs.

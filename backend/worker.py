@@ -22,10 +22,10 @@ from dataclasses import asdict
 import torch
 
 from backend import labelstudio
+from backend.evaluation import compare_on_held_out, should_publish
 from backend.generation import generate_candidates
 from backend.labelconfig import RankingSchema, parse_ranking_schema
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
-from backend.evaluation import compare_on_held_out, should_publish
 from backend.ppo import PPOConfig
 from backend.registry import ModelRegistry
 from backend.reward import is_held_out

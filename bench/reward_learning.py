@@ -32,8 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backend.models import DEFAULT_ENCODER, load_encoder, resolve_encoder  # noqa: E402
-from backend.reward import RewardModel, TextEncoder  # noqa: E402
-from backend.reward_training import UpdatePolicy, read_pairs, refit_head, update_head, wilson_interval  # noqa: E402
+from backend.reward import (  # noqa: E402
+    RewardModel,
+    TextEncoder,
+    refit_head,  # noqa: E402
+)
+from backend.reward_training import UpdatePolicy, read_pairs, update_head, wilson_interval  # noqa: E402
 from backend.store import Store  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
