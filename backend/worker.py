@@ -147,7 +147,8 @@ class Worker:
         settings = self.settings
         last_pair_id = self.store.max_pair_id()
         serving = self.registry.policy()  # publishes v0 on first use
-        train_prompts, held_out = self.training_prompts()
+        shown = self.project_prompts()  # prompt -> candidate texts annotators saw
+        train_prompts, held_out = split_held_out(list(shown))
         if not train_prompts:
             raise ValueError("no training prompts: import prompts into the project before training")
         reward = self.registry.reward_model()
@@ -161,7 +162,7 @@ class Worker:
                                  f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", **asdict(stats))
 
         # train: the reward centred per prompt on the candidates annotators saw
-        reward_fn = prompt_centred(reward.score, self.known_candidates(train_prompts))
+        reward_fn = prompt_centred(reward.score, {p: shown[p] for p in train_prompts if shown[p]})
         trained, stats = improve_policy(settings.rl_algorithm, model, tokenizer, train_prompts, reward_fn,
                                         ppo_config(settings), group_size=settings.rl_group_size, on_step=on_step)
         metrics = {"algorithm": settings.rl_algorithm, "reward_version": reward.version, "steps": len(stats),
@@ -208,16 +209,13 @@ class Worker:
                     prompts.setdefault(prompt, []).extend(b for b in bodies if b)
         return prompts
 
-    def training_prompts(self) -> tuple[list[str], list[str]]:
-        """(prompts PPO trains on, held-out prompts that only judge the result); split by prompt hash."""
-        prompts = list(self.project_prompts())
-        train = [p for p in prompts if not is_held_out(p)]
-        held_out = [p for p in prompts if is_held_out(p)][:MAX_HELD_OUT_PROMPTS]
-        return (train or prompts), held_out  # a handful of prompts may all hash into the held-out split
 
-    def known_candidates(self, prompts: list[str]) -> dict[str, list[str]]:
-        known = self.project_prompts()
-        return {p: known[p] for p in prompts if known.get(p)}
+
+def split_held_out(prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(prompts PPO trains on, held-out prompts that only judge the result); split by prompt hash."""
+    train = [p for p in prompts if not is_held_out(p)]
+    held_out = [p for p in prompts if is_held_out(p)][:MAX_HELD_OUT_PROMPTS]
+    return (train or prompts), held_out  # a handful of prompts may all hash into the held-out split
 
 
 def ppo_config(settings: Settings) -> PPOConfig:

@@ -12,7 +12,7 @@ from backend.preferences import PreferencePair
 from backend.reward import is_held_out
 from backend.settings import load_settings
 from backend.store import Job, Store
-from backend.worker import Worker
+from backend.worker import Worker, split_held_out
 
 RANKER = (Path(__file__).resolve().parents[1] / "templates" / "ranker.xml").read_text()
 PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(30)]
@@ -45,7 +45,7 @@ def job(kind: str) -> Job:
 def test_the_prompts_split_into_training_and_held_out_by_prompt(tiny_env):
     worker = make_worker(tiny_env)
     seed_project(worker.store)
-    train, held_out = worker.training_prompts()
+    train, held_out = split_held_out(list(worker.project_prompts()))
     assert set(train) | set(held_out) == set(PROMPTS) and not set(train) & set(held_out)
     assert held_out and all(is_held_out(p) for p in held_out)
 
