@@ -210,7 +210,6 @@ class Worker:
         return prompts
 
 
-
 def split_held_out(prompts: list[str]) -> tuple[list[str], list[str]]:
     """(prompts PPO trains on, held-out prompts that only judge the result); split by prompt hash."""
     train = [p for p in prompts if not is_held_out(p)]
