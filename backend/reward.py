@@ -1,10 +1,10 @@
 """Reward model: (prompt, response) texts in, a scalar score out; preference pairs in, a new model out.
 
 Two tiers behind one interface (`score(prompts, responses) -> list[float]`, `save(dir)`, `version`):
-- `RewardModel`, the default: a frozen sentence encoder (MiniLM) whose mean-pooled embeddings are
-  cached per text in the store, plus a linear Bradley-Terry head over features of the last human
-  turn and the response. Fitting the head on cached embeddings takes milliseconds, so the reward
-  model follows the annotators within seconds of each ranking.
+- `RewardModel`, the default: the sum of two linear Bradley-Terry heads, one over a frozen sentence
+  encoder's (MiniLM) embeddings of the last human turn and the response, cached per text in the
+  store, one over TF-IDF character n-grams of the response (`NgramHead`). Fitting both takes
+  milliseconds to seconds, so the reward model follows the annotators within seconds of each ranking.
 - `FineTunedRewardModel`: any Hugging Face sequence-classification model with a scalar head,
   trained by trl's RewardTrainer (backend/reward_training.py); minutes per fit on CPU.
 Both have their own tokenizer, so PPO calls them on decoded text, never on the policy's token ids.
@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import optimize, sparse
+from scipy.special import expit
+from sklearn.feature_extraction.text import TfidfVectorizer
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -37,11 +40,6 @@ HELD_OUT_FRACTION = 0.2
 L2_PER_PAIR = (0.05, 0.15, 0.5, 1.5, 5.0)
 DEFAULT_L2_PER_PAIR = 0.5
 FINETUNE_MAX_CHARS = 1500  # of question + response: keeps every pair under MiniLM's 512 positions
-
-
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """-log sigmoid(r_chosen - r_rejected - margin), averaged: the pairwise loss of InstructGPT and trl."""
-    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
 def ranking_confidence(scores: list[float]) -> float:
@@ -122,61 +120,155 @@ def pair_features(question_emb: np.ndarray, response_emb: np.ndarray, responses:
     return torch.from_numpy(np.concatenate([response_emb, question_emb * response_emb, cosine, log_len], axis=1))
 
 
+# --- fitting a Bradley-Terry head: one solver for the dense (embedding) and the sparse (n-gram) features ---
+def fit_bradley_terry(diffs, margin: np.ndarray, l2: float, init: np.ndarray | None = None,
+                      max_iter: int = 100) -> np.ndarray:
+    """(F,) weights w minimising mean -log sigmoid(diffs·w - margin) + l2·|w|², by L-BFGS.
+
+    `diffs` is f(chosen) - f(rejected), (N, F), a numpy array or a scipy sparse matrix.
+    """
+    diffs, margin = _as_float64(diffs), np.asarray(margin, dtype=np.float64)
+
+    def loss_and_gradient(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = diffs @ w - margin  # (N,)
+        loss = np.logaddexp(0.0, -z).mean() + l2 * w @ w
+        gradient = -(diffs.T @ expit(-z)) / len(z) + 2 * l2 * w
+        return float(loss), gradient
+
+    start = np.zeros(diffs.shape[1]) if init is None else np.asarray(init, dtype=np.float64)
+    return optimize.minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B",
+                             options={"maxiter": max_iter}).x
+
+
+def _as_float64(x):
+    if isinstance(x, torch.Tensor):
+        x = x.numpy()
+    return x.astype(np.float64) if x.dtype != np.float64 else x
+
+
+def bradley_terry_loss(margins: np.ndarray, target_margin: np.ndarray | float = 0.0) -> float:
+    """mean -log sigmoid(r_chosen - r_rejected - margin): the pairwise loss of InstructGPT and trl."""
+    return float(np.logaddexp(0.0, -(np.asarray(margins, dtype=np.float64) - target_margin)).mean())
+
+
+def choose_l2_per_pair(diffs, margin: np.ndarray, prompts: list[str]) -> float:
+    """The L2_PER_PAIR value with the lowest held-out Bradley-Terry loss on a split of these (training) prompts."""
+    inner = np.array([is_held_out(p, salt="tune") for p in prompts], dtype=bool)
+    if inner.sum() < 10 or (~inner).sum() < 10:  # too few pairs to tell strengths apart
+        return DEFAULT_L2_PER_PAIR
+    fit_rows, check_rows = np.flatnonzero(~inner), np.flatnonzero(inner)
+    diffs, margin = _as_float64(diffs), np.asarray(margin, dtype=np.float64)
+
+    def held_out_loss(per_pair: float) -> float:
+        w = fit_bradley_terry(diffs[fit_rows], margin[fit_rows], l2=per_pair / len(fit_rows))
+        return bradley_terry_loss(diffs[check_rows] @ w, margin[check_rows])
+
+    return min(L2_PER_PAIR, key=held_out_loss)
+
+
+def fit_tuned(diffs, margin: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, float]:
+    """(weights, L2 per pair): a head fitted on every given pair, its L2 chosen on a split of these prompts."""
+    per_pair = choose_l2_per_pair(diffs, margin, prompts)
+    return fit_bradley_terry(diffs, margin, l2=per_pair / max(1, len(prompts))), per_pair
+
+
+# --- the surface view: character n-grams of the response ---
+def ngram_vectorizer(texts: int, vocabulary: dict[str, int] | None = None) -> TfidfVectorizer:
+    """TF-IDF of character 2-5-grams inside word boundaries: spelling, punctuation, stock phrases."""
+    return TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, dtype=np.float64,
+                           min_df=2 if texts >= 50 and vocabulary is None else 1, vocabulary=vocabulary)
+
+
+@dataclass(frozen=True)
+class NgramHead:
+    """A Bradley-Terry head over TF-IDF character n-grams of the response.
+
+    It errs on other pairs than the embedding head (surface form vs meaning), so their sum beats either
+    (bench/reward_learning.py). The vocabulary is fitted at each full refit and fixed in between:
+    n-grams first seen after it count from the next full refit on.
+    """
+    vectorizer: TfidfVectorizer
+    weights: np.ndarray  # (V,)
+    l2_per_pair: float
+
+    @classmethod
+    def fit(cls, prompts: list[str], chosen: list[str], rejected: list[str], margin: np.ndarray) -> NgramHead | None:
+        """A head fitted from scratch, its vocabulary read from these texts; None when they hold no n-gram."""
+        try:
+            vectorizer = ngram_vectorizer(2 * len(chosen)).fit(list(chosen) + list(rejected))
+        except ValueError:  # every text empty or blank: nothing to learn from
+            return None
+        head = cls(vectorizer, np.zeros(len(vectorizer.vocabulary_)), DEFAULT_L2_PER_PAIR)
+        weights, per_pair = fit_tuned(head.pair_diffs(chosen, rejected), margin, prompts)
+        return cls(vectorizer, weights, per_pair)
+
+    def updated(self, chosen: list[str], rejected: list[str], margin: np.ndarray, total_pairs: int,
+                iters: int) -> NgramHead:
+        """This head warm-started and moved a few L-BFGS steps on these pairs (fixed vocabulary)."""
+        weights = fit_bradley_terry(self.pair_diffs(chosen, rejected), margin,
+                                    l2=self.l2_per_pair / max(1, total_pairs), init=self.weights, max_iter=iters)
+        return NgramHead(self.vectorizer, weights, self.l2_per_pair)
+
+    def pair_diffs(self, chosen: list[str], rejected: list[str]) -> sparse.csr_matrix:
+        return (self.vectorizer.transform(chosen) - self.vectorizer.transform(rejected)).tocsr()
+
+    def score(self, responses: list[str]) -> np.ndarray:
+        return self.vectorizer.transform(responses) @ self.weights
+
+    def to_json(self) -> dict:
+        return {"vocabulary": {k: int(v) for k, v in self.vectorizer.vocabulary_.items()},
+                "idf": self.vectorizer.idf_.tolist(), "weights": self.weights.tolist(), "l2_per_pair": self.l2_per_pair}
+
+    @classmethod
+    def from_json(cls, data: dict) -> NgramHead:
+        vectorizer = ngram_vectorizer(len(data["vocabulary"]), vocabulary=data["vocabulary"])
+        vectorizer.idf_ = np.asarray(data["idf"], dtype=np.float64)
+        return cls(vectorizer, np.asarray(data["weights"], dtype=np.float64), float(data["l2_per_pair"]))
+
+
 @dataclass
 class FitResult:
-    weights: torch.Tensor  # (F,)
+    model: RewardModel
     train_accuracy: float
     held_out_accuracy: float | None
     train_pairs: int
     held_out_pairs: int
-    l2_per_pair: float = DEFAULT_L2_PER_PAIR
 
 
-def fit_head(diff_train: torch.Tensor, margin: torch.Tensor, l2: float = 1e-3,
-             init: torch.Tensor | None = None, max_iter: int = 100) -> torch.Tensor:
-    """Weights w minimising Bradley-Terry loss of w·(f_chosen - f_rejected) + l2·|w|², by full-batch L-BFGS."""
-    w = (init.clone() if init is not None else torch.zeros(diff_train.shape[1])).requires_grad_(True)
-    optimiser = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        r = diff_train @ w
-        loss = bradley_terry_loss(r, torch.zeros_like(r), margin) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return w.detach()
+def refit(model: RewardModel, prompts: list[str], chosen: list[str], rejected: list[str],
+          margin: np.ndarray) -> RewardModel:
+    """Both heads fitted from scratch on every given pair, each with its L2 tuned on a split of these prompts."""
+    margin = np.asarray(margin, dtype=np.float64)
+    weights, per_pair = fit_tuned(model.pair_diffs(prompts, chosen, rejected), margin, prompts)
+    return model.replace(weights=torch.from_numpy(weights).float(), l2_per_pair=per_pair,
+                         ngrams=NgramHead.fit(prompts, chosen, rejected, margin))
 
 
-def choose_l2_per_pair(diffs: torch.Tensor, margin: torch.Tensor, prompts: list[str]) -> float:
-    """The L2_PER_PAIR value with the lowest held-out Bradley-Terry loss on a split of these (training) prompts."""
-    inner = torch.tensor([is_held_out(p, salt="tune") for p in prompts], dtype=torch.bool)
-    if inner.sum() < 10 or (~inner).sum() < 10:  # too few pairs to tell strengths apart
-        return DEFAULT_L2_PER_PAIR
-    n = int((~inner).sum())
-    losses = {}
-    for per_pair in L2_PER_PAIR:
-        w = fit_head(diffs[~inner], margin[~inner], l2=per_pair / n)
-        r = diffs[inner] @ w
-        losses[per_pair] = float(bradley_terry_loss(r, torch.zeros_like(r), margin[inner]))
-    return min(losses, key=losses.get)
+def refit_incrementally(model: RewardModel, prompts: list[str], chosen: list[str], rejected: list[str],
+                        margin: np.ndarray, total_pairs: int, iters: int) -> RewardModel:
+    """Both heads warm-started and moved a few L-BFGS steps on these (new + replayed) pairs.
 
-
-def refit_head(model: "RewardModel", diffs: torch.Tensor, margin: torch.Tensor, prompts: list[str]) -> "RewardModel":
-    """A head fitted from scratch on every given pair, its L2 tuned on a split of these prompts."""
-    per_pair = choose_l2_per_pair(diffs, margin, prompts)
-    weights = fit_head(diffs, margin, l2=per_pair / max(1, len(prompts)))
-    return model.with_weights(weights, l2_per_pair=per_pair)
+    The L2 is scaled by every training pair seen so far, as a full refit would, since the replay
+    sample stands in for all of them. A model saved without an n-gram head gets one at its next full refit.
+    """
+    margin = np.asarray(margin, dtype=np.float64)
+    weights = fit_bradley_terry(model.pair_diffs(prompts, chosen, rejected), margin,
+                                l2=model.l2_per_pair / max(1, total_pairs), init=model.weights.numpy(), max_iter=iters)
+    ngrams = model.ngrams.updated(chosen, rejected, margin, total_pairs, iters) if model.ngrams else None
+    return model.replace(weights=torch.from_numpy(weights).float(), ngrams=ngrams)
 
 
 class RewardModel:
-    """The frozen encoder plus a Bradley-Terry head: score(prompts, responses) -> list of floats."""
+    """The default tier: score = embedding head + n-gram head, two Bradley-Terry logits summed.
+
+    The embedding head is linear in `pair_features` of the frozen encoder; the n-gram head in TF-IDF
+    character n-grams of the response (`NgramHead`, absent until the first fit).
+    """
 
     tier = "head"
 
     def __init__(self, encoder: TextEncoder, weights: torch.Tensor | None = None, version: int | None = None,
-                 l2_per_pair: float = DEFAULT_L2_PER_PAIR):
+                 l2_per_pair: float = DEFAULT_L2_PER_PAIR, ngrams: NgramHead | None = None):
         expected = num_features(encoder.dim)
         if weights is not None and weights.shape != (expected,):
             raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit encoder {encoder.name!r}: "
@@ -185,63 +277,69 @@ class RewardModel:
         self.weights = weights if weights is not None else torch.zeros(expected)
         self.version = version
         self.l2_per_pair = l2_per_pair
+        self.ngrams = ngrams
 
     def features(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         questions = self.encoder.embed([last_human_turn(p) for p in prompts])
         return pair_features(questions, self.encoder.embed(responses), responses)
 
     def pair_diffs(self, prompts: list[str], chosen: list[str], rejected: list[str]) -> torch.Tensor:
-        """(N, F) f(prompt, chosen) - f(prompt, rejected): what the head's margin is linear in."""
+        """(N, F) f(prompt, chosen) - f(prompt, rejected): what the embedding head's margin is linear in."""
         return self.features(prompts, chosen) - self.features(prompts, rejected)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         if not responses:
             return []
-        return (self.features(prompts, responses) @ self.weights).tolist()
+        scores = (self.features(prompts, responses) @ self.weights).double().numpy()
+        if self.ngrams is not None:
+            scores = scores + self.ngrams.score(responses)
+        return scores.tolist()
 
     def fit(self, prompts: list[str], chosen: list[str], rejected: list[str], margins: list[float]) -> FitResult:
-        """Refit the head on every training pair, L2 tuned on a split of the training prompts;
-        measure it on held-out prompts (`is_held_out`)."""
-        diffs = self.pair_diffs(prompts, chosen, rejected)  # (N, F)
-        margin = torch.tensor(margins, dtype=torch.float32)
-        held = torch.tensor([is_held_out(p) for p in prompts], dtype=torch.bool)
-        train = ~held if (~held).any() else torch.ones_like(held)
-        fitted = refit_head(self, diffs[train], margin[train], [p for p, t in zip(prompts, train.tolist()) if t])
-        weights, per_pair = fitted.weights, fitted.l2_per_pair
-        accuracy = lambda mask: float(((diffs[mask] @ weights) > 0).float().mean())  # noqa: E731
-        return FitResult(
-            weights=weights,
-            train_accuracy=accuracy(train),
-            held_out_accuracy=accuracy(held) if held.any() else None,
-            train_pairs=int(train.sum()),
-            held_out_pairs=int(held.sum()),
-            l2_per_pair=per_pair,
-        )
+        """Refit both heads on every training pair, L2 tuned on a split of the training prompts;
+        measure the sum on held-out prompts (`is_held_out`)."""
+        held = np.array([is_held_out(p) for p in prompts], dtype=bool)
+        train = ~held if (~held).any() else np.ones_like(held)
+        pick = lambda xs, mask: [x for x, m in zip(xs, mask) if m]  # noqa: E731
+        fitted = refit(self, pick(prompts, train), pick(chosen, train), pick(rejected, train),
+                       np.asarray(margins, dtype=np.float64)[train])
 
-    def with_weights(self, weights: torch.Tensor, version: int | None = None,
-                     l2_per_pair: float | None = None) -> "RewardModel":
-        """A new model on the same encoder: fitting never mutates the model being served."""
-        return RewardModel(self.encoder, weights, version,
-                           self.l2_per_pair if l2_per_pair is None else l2_per_pair)
+        def accuracy(mask: np.ndarray) -> float:
+            ps = pick(prompts, mask)
+            margins_ = np.subtract(fitted.score(ps, pick(chosen, mask)), fitted.score(ps, pick(rejected, mask)))
+            return float((margins_ > 0).mean())
+
+        return FitResult(model=fitted, train_accuracy=accuracy(train),
+                         held_out_accuracy=accuracy(held) if held.any() else None,
+                         train_pairs=int(train.sum()), held_out_pairs=int(held.sum()))
+
+    def replace(self, **changes) -> RewardModel:
+        """A new model on the same encoder with some fields changed: fitting never mutates the served model."""
+        fields = {"weights": self.weights, "version": None, "l2_per_pair": self.l2_per_pair, "ngrams": self.ngrams}
+        return RewardModel(self.encoder, **{**fields, **changes})
 
     def save(self, directory: Path) -> None:
-        """Write the head atomically: a crash mid-write never leaves a broken version directory."""
+        """Write both heads atomically: a crash mid-write never leaves a broken version directory."""
         meta = {"tier": self.tier, "encoder": self.encoder.name, "dim": self.encoder.dim,
                 "l2_per_pair": self.l2_per_pair}
         with atomic_directory(directory) as staging:
             torch.save(self.weights, staging / "head.pt")
+            if self.ngrams is not None:
+                (staging / "ngrams.json").write_text(json.dumps(self.ngrams.to_json()))
             (staging / "meta.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, directory: Path, encoder: TextEncoder, version: int | None = None) -> "RewardModel":
+    def load(cls, directory: Path, encoder: TextEncoder, version: int | None = None) -> RewardModel:
         meta = json.loads((directory / "meta.json").read_text())
         if meta["encoder"] != encoder.name:
             raise ValueError(
                 f"reward model {directory} was fitted on encoder {meta['encoder']!r}, but REWARD_MODEL={encoder.name!r}: "
                 "set REWARD_MODEL back, or refit"
             )
+        ngrams_file = directory / "ngrams.json"  # absent in versions saved before the n-gram head existed
+        ngrams = NgramHead.from_json(json.loads(ngrams_file.read_text())) if ngrams_file.exists() else None
         return cls(encoder, torch.load(directory / "head.pt"), version=version,
-                   l2_per_pair=meta.get("l2_per_pair", DEFAULT_L2_PER_PAIR))
+                   l2_per_pair=meta.get("l2_per_pair", DEFAULT_L2_PER_PAIR), ngrams=ngrams)
 
 
 def finetune_text(prompt: str, response: str) -> str:
@@ -279,7 +377,7 @@ class FineTunedRewardModel:
             (staging / "meta.json").write_text(json.dumps({"tier": self.tier}))
 
     @classmethod
-    def load(cls, directory: Path, version: int | None = None) -> "FineTunedRewardModel":
+    def load(cls, directory: Path, version: int | None = None) -> FineTunedRewardModel:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32)
         return cls(model, tokenizer, version)

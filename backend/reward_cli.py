@@ -55,13 +55,13 @@ def _pairs(path: Path):
 @reward_app.command()
 def fit(pairs: Path = typer.Option(..., "--pairs", help="prompt/chosen/rejected JSONL"),
         out: Path = typer.Option(..., "--out", help="Directory to write the reward model to (replaced atomically)"),
-        tier: str = typer.Option("head", help="'head' (frozen encoder + Bradley-Terry head) or 'finetune' (RewardTrainer)"),
+        tier: str = typer.Option("head", help="'head' (Bradley-Terry heads on frozen embeddings and n-grams) or 'finetune' (RewardTrainer)"),
         cache: Path = typer.Option(None, help="SQLite file caching embeddings across runs; default: the backend's store")) -> None:
     """Fit a reward model on every pair of the file."""
     import torch
 
     from backend.models import resolve_encoder
-    from backend.reward import RewardModel, refit_head
+    from backend.reward import RewardModel, refit
     from backend.reward_training import UpdatePolicy, finetune_reward_model
 
     if tier not in ("head", "finetune"):
@@ -74,9 +74,7 @@ def fit(pairs: Path = typer.Option(..., "--pairs", help="prompt/chosen/rejected 
     prompts, chosen, rejected = [p.prompt for p in rows], [p.chosen for p in rows], [p.rejected for p in rows]
     margins = [p.margin for p in rows]
     if tier == "head":
-        untrained = RewardModel(_encoder(settings, cache))
-        diffs = untrained.pair_diffs(prompts, chosen, rejected)  # (N, F); embeds what the cache lacks
-        model = refit_head(untrained, diffs, torch.tensor(margins, dtype=torch.float32), prompts)
+        model = refit(RewardModel(_encoder(settings, cache)), prompts, chosen, rejected, margins)
     else:
         model = finetune_reward_model(resolve_encoder(settings.reward_model), prompts, chosen, rejected, margins,
                                       UpdatePolicy(), out.parent / f".{out.name}-trainer", seed=settings.seed)

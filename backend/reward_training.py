@@ -29,9 +29,9 @@ from backend.reward import (
     FineTunedRewardModel,
     RewardModel,
     finetune_text,
-    fit_head,
     is_held_out,
-    refit_head,
+    refit,
+    refit_incrementally,
 )
 from backend.store import Store
 
@@ -143,33 +143,20 @@ def should_publish(candidate: np.ndarray, serving: np.ndarray, z: float = 1.96) 
     return True, f"held-out pairs: {c} won, {b} lost against the serving model"
 
 
-# --- the default tier: a Bradley-Terry head on cached embeddings ---
-def incremental_head(model: RewardModel, diffs: torch.Tensor, margin: torch.Tensor, total_pairs: int,
-                     iters: int) -> RewardModel:
-    """The serving head, warm-started and moved a few L-BFGS steps on new + replayed pairs.
-
-    The L2 is scaled by every training pair seen so far, as a full refit would, since the replay
-    sample stands in for all of them.
-    """
-    weights = fit_head(diffs, margin, l2=model.l2_per_pair / max(1, total_pairs), init=model.weights,
-                       max_iter=iters)
-    return model.with_weights(weights)
-
-
+# --- the default tier: two Bradley-Terry heads, on cached embeddings and on character n-grams ---
 def update_head(serving: RewardModel, train: Sequence[Pair], last_pair_id: int, trained_pairs: int,
                 updates_since_full: int, policy: UpdatePolicy, rng: random.Random) -> tuple[RewardModel, bool]:
-    """(new head, whether it was a full refit) from the training pairs and the serving head's bookkeeping."""
+    """(new model, whether it was a full refit) from the training pairs and the serving model's bookkeeping."""
     new = [p for p in train if p.id > last_pair_id]
     old = [p for p in train if p.id <= last_pair_id]
     full = (serving.version is None or updates_since_full + 1 >= policy.full_refit_every
             or len(old) < trained_pairs)  # fewer old pairs than it learnt from: some were deleted
     batch = list(train) if full else new + rng.sample(old, min(policy.replay_pairs, len(old)))
-    prompts = [p.prompt for p in batch]
-    diffs = serving.pair_diffs(prompts, [p.chosen for p in batch], [p.rejected for p in batch])  # (N, F)
-    margin = torch.tensor([p.margin for p in batch], dtype=torch.float32)
+    texts = ([p.prompt for p in batch], [p.chosen for p in batch], [p.rejected for p in batch])
+    margin = np.array([p.margin for p in batch], dtype=np.float64)
     if full:
-        return refit_head(serving, diffs, margin, prompts), True
-    return incremental_head(serving, diffs, margin, len(train), policy.incremental_iters), False
+        return refit(serving, *texts, margin), True
+    return refit_incrementally(serving, *texts, margin, len(train), policy.incremental_iters), False
 
 
 # --- the fine-tuned tier: trl's RewardTrainer, LoRA, on CPU ---

@@ -1,23 +1,29 @@
-"""How fast the default reward model learns from human rankings, against simple baselines.
+"""How well and how fast the default reward model learns from human rankings, against simple baselines.
 
 In: shared/data/hh_harmless_dev.jsonl (1,000 HH-harmless pairs, one prompt each). Out: markdown tables.
-Split by prompt into 4 folds (crc32 of the prompt): every pair is held out once, scored by models
-trained on the other ~750, so the pooled accuracy rests on all 1,000 pairs (95% interval +-3 points).
+Split by prompt into 4 folds: every pair is held out once, scored by models trained on the other ~750.
+One 4-fold split of 1,000 pairs is itself noisy (different splits moved accuracies by 2-3 points), so
+the split is repeated with `--repeats` different seeds; a pair's correctness is averaged over the
+repeats, and 95% intervals come from a bootstrap over pairs (paired, for differences between methods).
+The learning curve (incremental updates vs refits from scratch) runs on the first split.
 Embeddings are cached in a SQLite store (default .cache/reward_bench.sqlite3): the first run embeds
-~4,000 texts with MiniLM (about 1.5 minutes on 2 cores), later runs read them back.
-The RM + TF-IDF ensemble line is measured, not shipped: it did not clearly beat the embedding
-baseline (its paired interval includes 0), so the default stays the simpler head.
+~4,000 texts with MiniLM (about 1.5 minutes on 2 cores), later runs read them back. The last table
+times `rlhf-backend reward fit` on all 1,000 pairs with an empty cache, as a user would run it.
 
-    .venv/bin/python bench/reward_learning.py [--cache PATH] [--chunk 10]
+    .venv/bin/python bench/reward_learning.py [--cache PATH] [--chunk 10] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -32,17 +38,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backend.models import DEFAULT_ENCODER, load_encoder, resolve_encoder  # noqa: E402
-from backend.reward import (  # noqa: E402
-    RewardModel,
-    TextEncoder,
-    refit_head,  # noqa: E402
-)
-from backend.reward_training import UpdatePolicy, read_pairs, update_head, wilson_interval  # noqa: E402
+from backend.reward import RewardModel, TextEncoder, refit  # noqa: E402
+from backend.reward_training import UpdatePolicy, read_pairs, score_margins, update_head  # noqa: E402
 from backend.store import Store  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 FOLDS = 4
 CHECKPOINTS = (10, 50, 100, 200, 400, 600)
+NAMES = {
+    "shorter": "prefer the shorter answer (no training)",
+    "tfidf": "baseline: TF-IDF char 2-5-grams + logistic regression",
+    "emb": "baseline: frozen MiniLM response embeddings + logistic regression",
+    "head_emb": "ablation: the default RM's embedding head alone",
+    "head_ngram": "ablation: the default RM's n-gram head alone",
+    "rm_inc": "default RM, incremental (chunks of 10, replay 256, full refit every 10 updates)",
+    "rm": "**default RM (embedding head + n-gram head), one refit on the training pairs**",
+}
 
 
 def logistic_on_differences(train_diff, test_diff, C: float = 1.0) -> np.ndarray:
@@ -54,23 +65,86 @@ def logistic_on_differences(train_diff, test_diff, C: float = 1.0) -> np.ndarray
     return np.asarray(test_diff @ clf.coef_.ravel()).ravel()
 
 
-def row(name: str, correct: np.ndarray, extra: str = "") -> str:
-    low, high = wilson_interval(int(correct.sum()), len(correct))
-    return f"| {name} | {correct.mean():.3f} | {low:.3f}-{high:.3f} | {extra} |"
+def bootstrap(values: np.ndarray, rng: np.random.Generator, n: int = 4000) -> tuple[float, float]:
+    """95% bootstrap interval of the mean of per-pair values."""
+    boots = values[rng.integers(0, len(values), size=(n, len(values)))].mean(1)
+    return float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
-def paired_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n: int = 4000) -> str:
-    """Bootstrap 95% interval of accuracy(a) - accuracy(b) on the same pairs."""
-    d = a.astype(float) - b.astype(float)
-    boots = d[rng.integers(0, len(d), size=(n, len(d)))].mean(1)
-    return f"{d.mean():+.3f} [{np.quantile(boots, 0.025):+.3f}, {np.quantile(boots, 0.975):+.3f}]"
+def split(prompts: list[str], repeat: int) -> np.ndarray:
+    """Fold of each pair, by prompt; repeat 0 is the split earlier versions of this bench used."""
+    salt = "" if repeat == 0 else f"repeat{repeat}:"
+    return np.array([zlib.crc32((salt + p).encode()) % FOLDS for p in prompts])
+
+
+def baselines(pairs, tr: np.ndarray, te: np.ndarray, encoder: TextEncoder, seed: int) -> dict[str, np.ndarray]:
+    """Held-out margins of the three baselines for one fold."""
+    n = len(pairs)
+    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    len_c = np.array([len(p.chosen) for p in pairs])
+    len_r = np.array([len(p.rejected) for p in pairs])
+    coin = np.random.default_rng(seed).choice([-1.0, 1.0], size=len(te))  # equal lengths: a coin flip
+    shorter = np.where(len_c[te] == len_r[te], coin, np.sign(len_r[te] - len_c[te]))
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
+    vectorizer.fit([texts[i] for i in tr] + [texts[n + i] for i in tr])
+    x = vectorizer.transform(texts)
+    d = (x[:n] - x[n:]).tocsr()
+    emb = encoder.embed([p.chosen for p in pairs]) - encoder.embed([p.rejected for p in pairs])
+    return {"shorter": shorter, "tfidf": logistic_on_differences(d[tr], d[te]),
+            "emb": logistic_on_differences(emb[tr], emb[te])}
+
+
+def fit_on(untrained: RewardModel, pairs) -> RewardModel:
+    return refit(untrained, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
+                 np.array([p.margin for p in pairs]))
+
+
+def learning_curve(untrained: RewardModel, pairs, tr: np.ndarray, te: np.ndarray, chunk: int, seed: int, curve, times):
+    """Pairs arrive in chunks in a random order; the serving model is updated incrementally after each
+    chunk, and at checkpoints compared with a refit from scratch on the same pairs. Returns its last margins."""
+    order = list(tr)
+    random.Random(seed).shuffle(order)
+    held = [pairs[i] for i in te]
+    serving, book = untrained, {"last": -1, "trained": 0, "since_full": 0}
+    for end in range(chunk, len(order) + 1, chunk):
+        # a pair's id is its arrival position, as the store's ids are
+        seen = [type(pairs[i])(j, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected) for j, i in enumerate(order[:end])]
+        mark = time.perf_counter()
+        candidate, full = update_head(serving, seen, book["last"], book["trained"], book["since_full"],
+                                      UpdatePolicy(), random.Random(end))
+        times["full" if full else "incremental"].append(time.perf_counter() - mark)
+        candidate.version = end
+        serving, book = candidate, {"last": end - 1, "trained": end, "since_full": 0 if full else book["since_full"] + 1}
+        last = end + chunk > len(order)
+        if end in CHECKPOINTS or last:
+            mark = time.perf_counter()
+            scratch = fit_on(untrained, seen)
+            times["scratch"].append(time.perf_counter() - mark)
+            key = "all" if last else end
+            curve["refit"].setdefault(key, []).append(score_margins(scratch, held) > 0)
+            curve["incremental"].setdefault(key, []).append(score_margins(serving, held) > 0)
+    return score_margins(serving, held)
+
+
+def time_cold_fit(threads: int) -> tuple[float, float]:
+    """(seconds, peak GB) of `rlhf-backend reward fit` on all pairs in a fresh process with an empty cache."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "MODEL_DIR": scratch, "TORCH_THREADS": str(threads)}
+        started = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).parent / "rlhf-backend"), "reward", "fit", "--pairs", str(DATA),
+                        "--out", f"{scratch}/rm", "--cache", f"{scratch}/cache.sqlite3"],
+                       env=env, check=True, capture_output=True)
+        seconds = time.perf_counter() - started
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "reward_bench.sqlite3")
     parser.add_argument("--chunk", type=int, default=10, help="pairs per incremental update")
+    parser.add_argument("--repeats", type=int, default=3, help="4-fold splits, each with another seed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-cold-fit", action="store_true", help="do not time `reward fit` with an empty cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.parent.mkdir(parents=True, exist_ok=True)
@@ -82,103 +156,74 @@ def main() -> None:
 
     pairs = read_pairs(DATA)
     prompts = [p.prompt for p in pairs]
-    fold = np.array([zlib.crc32(p.encode()) % FOLDS for p in prompts])
-    started = time.perf_counter()
-    diffs = untrained.pair_diffs(prompts, [p.chosen for p in pairs], [p.rejected for p in pairs])  # (N, F)
-    embed_seconds = time.perf_counter() - started
-    response_emb = encoder.embed([p.chosen for p in pairs]) - encoder.embed([p.rejected for p in pairs])  # (N, D)
-    len_c, len_r = np.array([len(p.chosen) for p in pairs]), np.array([len(p.rejected) for p in pairs])
-    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-
     n = len(pairs)
-    correct = {k: np.zeros(n, bool) for k in ("shorter", "tfidf", "emb", "rm", "rm_inc", "rm_tfidf")}
-    curve = {"refit": {c: [] for c in CHECKPOINTS}, "incremental": {c: [] for c in CHECKPOINTS}}
-    refit_times, update_times, full_times, fit_all_times = [], [], [], []
-    zero_margin = torch.zeros(n)
-    for k in range(FOLDS):
-        tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        # baselines
-        correct["shorter"][te] = np.where(len_c[te] == len_r[te], random.Random(k).random() < 0.5, len_c[te] < len_r[te])
-        vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
-        vec.fit([texts[i] for i in tr] + [texts[n + i] for i in tr])
-        x = vec.transform(texts)
-        d = x[:n] - x[n:]
-        tfidf_margins = logistic_on_differences(d[tr], d[te])
-        correct["tfidf"][te] = tfidf_margins > 0
-        correct["emb"][te] = logistic_on_differences(response_emb[tr], response_emb[te]) > 0
-        # the default reward model, refitted on all training pairs of the fold
-        mark = time.perf_counter()
-        fitted = refit_head(untrained, diffs[tr], zero_margin[tr], [prompts[i] for i in tr])
-        fit_all_times.append(time.perf_counter() - mark)
-        correct["rm"][te] = (diffs[te] @ fitted.weights).numpy() > 0
-        # measured, not shipped: both are Bradley-Terry logits, so their sum is a fixed, untuned ensemble
-        correct["rm_tfidf"][te] = (diffs[te] @ fitted.weights).numpy() + tfidf_margins > 0
-        # pairs arrive in chunks, in a fixed random order: incremental updates vs refits from scratch
-        order = list(tr)
-        random.Random(k).shuffle(order)
-        serving, book = RewardModel(encoder), {"last": -1, "trained": 0, "since_full": 0}
-        for end in range(args.chunk, len(order) + 1, args.chunk):
-            seen = sorted(order[:end])  # ids in arrival order = position in `order`
-            arrival = {i: j for j, i in enumerate(order)}
-            train = [type(pairs[i])(arrival[i], pairs[i].prompt, pairs[i].chosen, pairs[i].rejected) for i in seen]
+    correct = {key: np.zeros((args.repeats, n)) for key in NAMES if key != "rm_inc"}
+    correct_inc = np.zeros(n)
+    curve = {"refit": {}, "incremental": {}}
+    times = {"incremental": [], "full": [], "scratch": [], "fold_refit": []}
+    for repeat in range(args.repeats):
+        fold = split(prompts, repeat)
+        for k in range(FOLDS):
+            tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            held = [pairs[i] for i in te]
+            margins = baselines(pairs, tr, te, encoder, seed=repeat * FOLDS + k)
             mark = time.perf_counter()
-            candidate, full = update_head(serving, train, book["last"], book["trained"], book["since_full"],
-                                          UpdatePolicy(), random.Random(end))
-            (full_times if full else update_times).append(time.perf_counter() - mark)
-            candidate.version = end
-            serving, book = candidate, {"last": end - 1, "trained": end,
-                                        "since_full": 0 if full else book["since_full"] + 1}
-            if end in CHECKPOINTS or end + args.chunk > len(order):
-                mark = time.perf_counter()
-                scratch = refit_head(untrained, diffs[order[:end]], zero_margin[order[:end]],
-                                     [prompts[i] for i in order[:end]])
-                refit_times.append(time.perf_counter() - mark)
-                for name, m in (("refit", scratch), ("incremental", serving)):
-                    curve[name].setdefault(end if end in CHECKPOINTS else "all", []).append(
-                        (diffs[te] @ m.weights).numpy() > 0)
-        correct["rm_inc"][te] = (diffs[te] @ serving.weights).numpy() > 0
+            fitted = fit_on(untrained, [pairs[i] for i in tr])
+            times["fold_refit"].append(time.perf_counter() - mark)
+            margins["rm"] = score_margins(fitted, held)
+            margins["head_emb"] = score_margins(fitted.replace(ngrams=None), held)
+            margins["head_ngram"] = margins["rm"] - margins["head_emb"]
+            for key, m in margins.items():
+                correct[key][repeat, te] = m > 0
+            if repeat == 0:
+                correct_inc[te] = learning_curve(untrained, pairs, tr, te, args.chunk, k, curve, times) > 0
+            print(f"split {repeat + 1}/{args.repeats}, fold {k + 1}/{FOLDS} done", file=sys.stderr, flush=True)
 
     rng = np.random.default_rng(0)
-    print(f"## Reward models on HH-harmless dev ({n} pairs, {FOLDS}-fold split by prompt, ~{n * 3 // 4} "
-          f"training pairs a fold; accuracy pooled over the {n} held-out predictions)\n")
-    print("| method | held-out accuracy | 95% interval | default RM minus this method [95% paired bootstrap] |")
-    print("|---|---|---|---|")
-    names = {"shorter": "prefer the shorter answer (no training)", "tfidf": "TF-IDF char 2-5-grams + logistic regression",
-             "emb": "frozen MiniLM response embeddings + logistic regression",
-             "rm_inc": f"default RM, incremental (chunks of {args.chunk}, replay 256, full refit every 10 updates)",
-             "rm": "default RM, one refit on all training pairs"}
-    for key, name in names.items():
-        print(row(name, correct[key], "" if key == "rm" else paired_interval(correct["rm"], correct[key], rng)))
-    best = max(("shorter", "tfidf", "emb"), key=lambda key: correct[key].mean())
-    print(f"\nAgainst the best baseline ({names[best]}): default RM "
-          f"{paired_interval(correct['rm'], correct[best], rng)}; the RM + TF-IDF ensemble (sum of the two "
-          f"margins, not shipped) scores {correct['rm_tfidf'].mean():.3f}, "
-          f"{paired_interval(correct['rm_tfidf'], correct[best], rng)} over it and "
-          f"{paired_interval(correct['rm_tfidf'], correct['rm'], rng)} over the default RM.")
-    print(f"\nThe default RM agrees with prefer-shorter on {np.mean(correct['rm'] == correct['shorter']):.2f} "
-          f"of pairs (a length shortcut would push this towards 1).\n")
+    mean = {key: c.mean(0) for key, c in correct.items()}  # per pair: share of repeats it was right
+    mean["rm_inc"] = correct_inc
+    per_split = {key: [f"{c[r].mean():.3f}" for r in range(args.repeats)] for key, c in correct.items()}
+    print(f"## Reward models on HH-harmless dev ({n} pairs, {FOLDS}-fold split by prompt x {args.repeats} splits, "
+          f"~{n * 3 // 4} training pairs a fold)\n")
+    print("| method | held-out accuracy (mean of splits) | 95% interval | per split | "
+          "default RM minus this method [95% paired bootstrap] |")
+    print("|---|---|---|---|---|")
+    for key, name in NAMES.items():
+        low, high = bootstrap(mean[key], rng)
+        splits = ", ".join(per_split.get(key, [f"{correct_inc.mean():.3f} (split 1 only)"]))
+        if key == "rm":
+            versus = ""
+        else:
+            d = mean["rm"] - mean[key] if key != "rm_inc" else correct["rm"][0] - correct_inc
+            d_low, d_high = bootstrap(d, rng)
+            versus = f"{d.mean():+.3f} [{d_low:+.3f}, {d_high:+.3f}]"
+        print(f"| {name} | {mean[key].mean():.3f} | {low:.3f}-{high:.3f} | {splits} | {versus} |")
+    agree = np.mean(correct["rm"] == correct["shorter"])
+    print(f"\nThe default RM agrees with prefer-shorter on {agree:.2f} of pairs (a length shortcut would push "
+          "this towards 1).\n")
 
-    print(f"## Learning curve: held-out accuracy vs training pairs seen (pairs arrive in chunks of {args.chunk})\n")
+    print(f"## Learning curve: held-out accuracy vs training pairs seen (split 1; pairs arrive in chunks of {args.chunk})\n")
     print("| pairs seen | incremental | refit from scratch |")
     print("|---|---|---|")
     for c in list(CHECKPOINTS) + ["all"]:
         if curve["refit"].get(c):
             inc, ref = np.concatenate(curve["incremental"][c]), np.concatenate(curve["refit"][c])
-            label = c if c != "all" else f"all (~{n * 3 // 4})"
-            print(f"| {label} | {inc.mean():.3f} | {ref.mean():.3f} |")
+            print(f"| {c if c != 'all' else f'all (~{n * 3 // 4})'} | {inc.mean():.3f} | {ref.mean():.3f} |")
 
-    ms = lambda xs: f"{1000 * statistics.median(xs):.1f} ms"  # noqa: E731
-    print("\n## Wall time per update (median)\n")
+    ms = lambda xs: f"{1000 * statistics.median(xs):.0f} ms"  # noqa: E731
+    print("\n## Wall time per update (median; embeddings cached)\n")
     print("| update | median | count |")
     print("|---|---|---|")
-    print(f"| incremental (new + replay, warm-started L-BFGS, cached embeddings) | {ms(update_times)} | {len(update_times)} |")
-    print(f"| scheduled full refit inside the incremental run (L2 tuned) | {ms(full_times)} | {len(full_times)} |")
-    print(f"| refit from scratch on the pairs seen (L2 tuned) | {ms(refit_times)} | {len(refit_times)} |")
-    print(f"| refit on all ~{n * 3 // 4} training pairs of a fold | {ms(fit_all_times)} | {len(fit_all_times)} |")
-    print(f"\nFeatures of all {n} pairs from the embedding cache: {embed_seconds:.1f} s "
-          f"(an empty cache embeds every text first).")
+    print(f"| incremental (new + replay, warm-started L-BFGS, both heads) | {ms(times['incremental'])} | {len(times['incremental'])} |")
+    print(f"| scheduled full refit inside the incremental run (L2 tuned per head) | {ms(times['full'])} | {len(times['full'])} |")
+    print(f"| refit from scratch on the pairs seen (L2 tuned per head) | {ms(times['scratch'])} | {len(times['scratch'])} |")
+    print(f"| refit on all ~{n * 3 // 4} training pairs of a fold | {ms(times['fold_refit'])} | {len(times['fold_refit'])} |")
+    if not args.skip_cold_fit:
+        seconds, peak = time_cold_fit(args.threads)
+        print(f"\n`rlhf-backend reward fit` on all {n} pairs, empty embedding cache, fresh process: "
+              f"**{seconds:.0f} s** (goal: 120 s), peak RSS {peak:.1f} GB.")
     print(f"\nMachine: {platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads, "
-          f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}")
+          f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}")
 
 
 if __name__ == "__main__":

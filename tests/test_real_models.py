@@ -60,8 +60,8 @@ def test_minilm_reward_model_beats_chance_on_held_out_human_pairs(minilm, tmp_pa
     store.create_schema()
     encoder = TextEncoder(minilm.model, minilm.tokenizer, DEFAULT_ENCODER, store)
     model = RewardModel(encoder)
-    fitted = RewardModel(encoder, model.fit([r["prompt"] for r in train], [r["chosen"] for r in train],
-                                            [r["rejected"] for r in train], [0.0] * len(train)).weights)
+    fitted = model.fit([r["prompt"] for r in train], [r["chosen"] for r in train],
+                       [r["rejected"] for r in train], [0.0] * len(train)).model
     chosen = fitted.score([r["prompt"] for r in test], [r["chosen"] for r in test])
     rejected = fitted.score([r["prompt"] for r in test], [r["rejected"] for r in test])
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(test)

@@ -1,12 +1,16 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from backend.reward import (
+    NgramHead,
     RewardModel,
     TextEncoder,
     bradley_terry_loss,
+    fit_bradley_terry,
     is_held_out,
     last_human_turn,
     load_reward_model,
@@ -16,14 +20,28 @@ from backend.reward import (
 
 
 def test_bradley_terry_loss_matches_hand_computed_value():
-    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    loss = bradley_terry_loss(np.array([2.0, 0.0]) - np.array([1.0, 0.0]))
     expected = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(0.5)) / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss == pytest.approx(expected, rel=1e-9)
 
 
 def test_margin_raises_the_loss_of_a_narrow_win():
-    r_c, r_r = torch.tensor([1.0]), torch.tensor([0.5])
-    assert bradley_terry_loss(r_c, r_r, torch.tensor([1.0])) > bradley_terry_loss(r_c, r_r, torch.tensor([0.0]))
+    assert bradley_terry_loss(np.array([0.5]), np.array([1.0])) > bradley_terry_loss(np.array([0.5]), np.array([0.0]))
+
+
+def test_fitted_head_solves_the_regularised_bradley_terry_optimum():
+    # one feature, every pair's difference 1: the optimum w* has -sigmoid(-w*) + 2·l2·w* = 0
+    w = fit_bradley_terry(np.ones((8, 1)), np.zeros(8), l2=0.1)[0]
+    assert -1 / (1 + math.exp(w)) + 2 * 0.1 * w == pytest.approx(0.0, abs=1e-5)
+    assert 0 < w < 5
+
+
+def test_sparse_and_dense_features_fit_the_same_head():
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(size=(40, 6)) * (rng.random((40, 6)) < 0.3)  # mostly zeros, as n-gram differences are
+    margin = rng.random(40)
+    dense = fit_bradley_terry(diffs, margin, l2=0.01)
+    assert np.allclose(fit_bradley_terry(sparse.csr_matrix(diffs), margin, l2=0.01), dense, atol=1e-4)
 
 
 def test_ranking_confidence_is_half_for_ties_and_grows_with_gaps():
@@ -44,8 +62,8 @@ def test_fitting_learns_a_consistent_preference(encoder):
     rejected = ["I am sorry, I cannot help with that." for _ in range(40)]
     model = RewardModel(encoder)
     result = model.fit(prompts, chosen, rejected, [0.0] * 40)
-    fitted = RewardModel(encoder, result.weights)
-    assert result.train_accuracy == 1.0
+    fitted = result.model
+    assert result.train_accuracy == 1.0 and fitted.ngrams is not None
     good, bad = fitted.score(["question 99?"] * 2, ["the answer is 99 days in a week", "I am sorry, I cannot help."])
     assert good > bad
 
@@ -86,13 +104,41 @@ def test_weights_of_the_wrong_length_are_refused_with_the_fix(encoder):
         RewardModel(encoder, torch.zeros(2 * encoder.dim + 1))
 
 
-def test_fit_tunes_l2_on_the_training_prompts_and_keeps_it_in_the_saved_head(encoder, tmp_path):
+def test_fit_tunes_l2_on_the_training_prompts_and_both_heads_load_back_scoring_the_same(encoder, tmp_path):
     prompts = [f"question {i}?" for i in range(80)]
-    result = RewardModel(encoder).fit(prompts, [f"the answer is {i}" for i in range(80)],
-                                      ["I am sorry, I cannot help." for _ in range(80)], [0.0] * 80)
-    model = RewardModel(encoder, result.weights, l2_per_pair=result.l2_per_pair)
+    model = RewardModel(encoder).fit(prompts, [f"the answer is {i}" for i in range(80)],
+                                     ["I am sorry, I cannot help." for _ in range(80)], [0.0] * 80).model
     model.save(tmp_path / "v1")
-    assert load_reward_model(tmp_path / "v1", encoder).l2_per_pair == result.l2_per_pair
+    loaded = load_reward_model(tmp_path / "v1", encoder)
+    assert (loaded.l2_per_pair, loaded.ngrams.l2_per_pair) == (model.l2_per_pair, model.ngrams.l2_per_pair)
+    texts = ["the answer is 7", "I am sorry", "never seen before"]
+    assert loaded.score(["q?"] * 3, texts) == pytest.approx(model.score(["q?"] * 3, texts), abs=1e-9)
+
+
+def test_ngram_head_learns_a_surface_preference_and_keeps_its_vocabulary_when_updated():
+    prompts = [f"question {i}?" for i in range(60)]
+    chosen = [f"Thank you for asking! Item {i} is fine." for i in range(60)]
+    rejected = [f"Item {i} is fine." for i in range(60)]
+    head = NgramHead.fit(prompts, chosen, rejected, np.zeros(60))
+    polite, blunt = head.score(["Thank you! Item 99 is fine.", "Item 99 is fine."])
+    assert polite > blunt
+    updated = head.updated(["zebra zebra"], ["Item 5 is fine."], np.zeros(1), total_pairs=61, iters=5)
+    assert updated.vectorizer.vocabulary_ == head.vectorizer.vocabulary_  # new n-grams wait for a full refit
+    assert not np.array_equal(updated.weights, head.weights)
+
+
+def test_ngram_head_of_empty_texts_is_absent_not_an_error():
+    assert NgramHead.fit(["q"], [""], ["   "], np.zeros(1)) is None
+
+
+def test_a_version_saved_before_the_ngram_head_existed_scores_with_its_embedding_head(encoder, tmp_path):
+    model = RewardModel(encoder).fit([f"q{i}" for i in range(30)], [f"yes {i}" for i in range(30)],
+                                     ["no" for _ in range(30)], [0.0] * 30).model
+    model.save(tmp_path / "v1")
+    (tmp_path / "v1" / "ngrams.json").unlink()
+    old = load_reward_model(tmp_path / "v1", encoder)
+    assert old.ngrams is None
+    assert old.score(["q"], ["yes 3"]) == pytest.approx(model.replace(ngrams=None).score(["q"], ["yes 3"]))
 
 
 def test_a_failed_save_leaves_the_previous_version_intact(encoder, tmp_path, monkeypatch):

@@ -95,7 +95,7 @@ def test_a_candidate_worse_than_the_serving_model_on_held_out_pairs_is_not_publi
     add_pairs(store, [r if is_held_out(r.prompt) else PairRecord(r.id, r.prompt, r.rejected, r.chosen) for r in rows], 1)
     good = RewardModel(encoder).fit([r.prompt for r in rows], [r.chosen for r in rows], [r.rejected for r in rows],
                                     [0.0] * len(rows))
-    serving = RewardModel(encoder, good.weights, version=1)
+    serving = good.model.replace(version=1)
     store.publish_version("reward", 1, str(tmp_path / "v1"), pairs_seen=0, metrics={})
     update = fit_reward_version(store, serving, lambda v: tmp_path / f"v{v}", UpdatePolicy())
     assert update.version is None and "worse" in update.reason
