@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import re
 import resource
@@ -100,7 +101,29 @@ def shorter(answer: str) -> float:
     return -float(len(answer))
 
 
-PREFERENCES: dict[str, Callable[[str], float]] = {"contains_number": contains_number, "shorter": shorter}
+def plain_words(answer: str) -> float:
+    """Plain language: minus the mean length in letters of the answer's words; an answer without words is worst.
+
+    Graded (two answers rarely tie) and nearly independent of answer length (correlation -0.13 on
+    the base policy's candidates), so it checks that the loop learns more than the length shortcut.
+    """
+    words = re.findall(r"[A-Za-z]+", answer)
+    return -sum(map(len, words)) / len(words) if words else -math.inf
+
+
+def more_sentences(answer: str) -> float:
+    """The number of finished sentences (., ! or ? before a space or the end)."""
+    return float(len(re.findall(r"[.!?](?:\s|$)", answer)))
+
+
+def fewer_first_person(answer: str) -> float:
+    """Minus the count of I, me, my, mine, myself (and I'm, I've...): answers about the question, not the speaker."""
+    return -float(len(re.findall(r"\b(?:I|me|my|mine|myself)\b", answer)))
+
+
+PREFERENCES: dict[str, Callable[[str], float]] = {
+    "contains_number": contains_number, "shorter": shorter, "plain_words": plain_words,
+    "more_sentences": more_sentences, "fewer_first_person": fewer_first_person}
 
 
 def annotate(prompts: list[str], candidates: list[list[str]], preference: Callable[[str], float]):
@@ -152,6 +175,8 @@ class Result:
     nll_new_answers: float
     reward_base: float  # mean reward-model score of held-out answers
     reward_new: float
+    chars_base: float  # mean answer length in characters: shows whether a win came from length alone
+    chars_new: float
     published: bool
     reason: str
     peak_rss_gb: float
@@ -207,10 +232,15 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
         win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
         nll_base_answers=answer_nll(base, tokenizer, eval_prompts, base_answers),
         nll_new_answers=answer_nll(base, tokenizer, eval_prompts, new_answers),
-        reward_base=reward_base, reward_new=reward_new, published=published, reason=reason,
+        reward_base=reward_base, reward_new=reward_new, chars_base=mean_chars(base_answers),
+        chars_new=mean_chars(new_answers), published=published, reason=reason,
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,
         samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::knobs.eval_samples], new_answers[::knobs.eval_samples])][:6],
     )
+
+
+def mean_chars(answers: list[str]) -> float:
+    return sum(map(len, answers)) / len(answers)
 
 
 def held_out_accuracy(reward: RewardModel, prompts: list[str], answers: list[str], preference) -> float:
@@ -235,7 +265,7 @@ def held_out_accuracy(reward: RewardModel, prompts: list[str], answers: list[str
 def markdown(results: list[Result], generation_tps: float) -> str:
     head = ("| preference | pairs | RM acc. | PPO steps | s / update | rollout tok/s | KL train (nats/seq) | "
             "KL held-out (nats/ans) | win-rate (W/L/T) | p | NLL base -> new (nats/tok) | RM reward base -> new | "
-            "publish | peak RSS |")
+            "chars base -> new | publish | peak RSS |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         rows.append(
@@ -243,7 +273,7 @@ def markdown(results: list[Result], generation_tps: float) -> str:
             f"{r.rollout_tokens_per_s:.0f} | {r.final_train_kl:.2f} | {r.held_out_kl:.2f} | "
             f"{r.win_rate:.3f} ({r.wins}/{r.losses}/{r.ties}) | {r.p_value:.3g} | "
             f"{r.nll_base_answers:.2f} -> {r.nll_new_answers:.2f} ({r.nll_new_answers - r.nll_base_answers:+.2f}) | "
-            f"{r.reward_base:.2f} -> {r.reward_new:.2f} | {'yes' if r.published else 'no'} | {r.peak_rss_gb:.1f} GB |"
+            f"{r.reward_base:.2f} -> {r.reward_new:.2f} | {r.chars_base:.0f} -> {r.chars_new:.0f} | {'yes' if r.published else 'no'} | {r.peak_rss_gb:.1f} GB |"
         )
     rows.append(f"\nBase policy generation (held-out answers): {generation_tps:.0f} tokens/s.")
     return "\n".join(rows)

@@ -1,13 +1,15 @@
 """The whole loop in a real Label Studio on the real models, judged by a scripted annotator's hidden taste.
 
-A scripted annotator who prefers shorter answers ranks the candidates SmolLM2 wrote into 36 tasks;
+A scripted annotator ranks the candidates SmolLM2 wrote into 36 tasks by a hidden preference;
 "Start training" runs the loop (sync -> reward model -> PPO -> guard rails -> policy v1). On 24
 held-out questions the loop never saw, the new policy's answers must win by the hidden preference
 significantly more than half the time, and stay fluent: their NLL under the base policy at most
-0.5 nats/token above the base policy's own answers. (bench/ppo_loop.py runs the same experiment
-in-process for two preferences, with its numbers in the README; "contains a number" through this
-Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.) About 3-4 minutes
-on 2 cores.
+0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to one:
+"shorter", and "more_sentences" (more finished sentences), which is not about length: the base
+policy's answers and the new ones have about the same length in characters (printed).
+bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
+through this Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.
+About 3-5 minutes per preference on 2 cores (much longer when other jobs share them).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from backend.models import DEFAULT_POLICY, load_causal_lm, resolve_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from ppo_loop import shorter, split_prompts  # noqa: E402
+from ppo_loop import PREFERENCES, split_prompts  # noqa: E402
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.real_models]
 HELD_OUT = 24
@@ -43,7 +45,9 @@ def wait_for_status(url: str, condition, timeout: float, what: str) -> dict:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last events: {status['events'][-5:]}")
 
 
-def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(tmp_path, label_studio, ls_client):
+@pytest.mark.parametrize("hidden", ["shorter", "more_sentences"])
+def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden, tmp_path, label_studio, ls_client):
+    preference = PREFERENCES[hidden]
     train_prompts, held_out = split_prompts(HELD_OUT)
     model_dir = tmp_path / "model_dir"
     model_dir.mkdir()
@@ -53,7 +57,7 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(tmp_pa
            "NUM_CANDIDATES": "8", "MAX_NEW_TOKENS": "32", "PPO_TRIGGER_PAIRS": "1000000"}
     backend = start_backend(env, timeout=300)
     try:
-        project = ls_client.projects.create(title="hidden preference: shorter",
+        project = ls_client.projects.create(title=f"hidden preference: {hidden}",
                                             label_config=(ROOT / "templates/ranker.xml").read_text())
         ml = ls_client.ml.create(project=project.id, url=backend.url, title="rlhf", is_interactive=False)
         ls_client.projects.import_tasks(id=project.id, request=[{"data": {"prompt": p, "answers": []}}
@@ -62,15 +66,17 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(tmp_pa
             j["kind"] == "generate" and j["state"] in ("queued", "running") for j in s["recent_jobs"]),
             900, "candidates")
 
-        # the scripted annotator ranks every task by its hidden preference, shortest first
+        # the scripted annotator ranks every task by its hidden preference, best first; the ranker
+        # has no ties, so equally good answers keep Label Studio's order, as a hurried human's would
         for task in ls_client.tasks.list(project=project.id, fields="all"):
-            ranked = sorted(task.data["answers"], key=lambda c: -shorter(c["body"]))
+            ranked = sorted(task.data["answers"], key=lambda c: -preference(c["body"]))
             ls_client.annotations.create(id=task.id, result=[{"from_name": "rank", "to_name": "answers",
                                          "type": "ranker", "value": {"ranker": {"rank": [c["id"] for c in ranked]}}}])
         ls_client.ml.train(id=ml.id)  # "Start training"
         status = wait_for_status(backend.url, lambda s: any(e["kind"] in ("policy", "policy_rejected", "job_failed")
                                                             for e in s["events"]), 1500, "the policy update")
         outcome = [e for e in status["events"] if e["kind"] in ("policy", "policy_rejected", "job_failed")][0]
+        print("\n".join(f"{e['kind']}: {e['message']}" for e in status["events"]))  # shown when the test fails
         assert outcome["kind"] == "policy", outcome["message"]
         new_path = status["policy_versions"][-1]["path"]
     finally:
@@ -84,11 +90,13 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(tmp_pa
         torch.manual_seed(1)
         answers[name] = [a for group in sample_completions(model, tokenizer, held_out, 2, 32) for a in group]
     prompts = [p for p in held_out for _ in range(2)]
-    result = tally(answers["new"], answers["base"], shorter)
+    result = tally(answers["new"], answers["base"], preference)
     nll_base = answer_nll(base, tokenizer, prompts, answers["base"])
     nll_new = answer_nll(base, tokenizer, prompts, answers["new"])
     kl = sampled_kl(new, base, tokenizer, prompts, answers["new"])
-    print(f"win-rate {result.win_rate:.3f} ({result.wins}/{result.losses}/{result.ties}), "
-          f"p {sign_test_p_value(result.wins, result.losses):.2g}, KL {kl:.2f}, NLL {nll_base:.2f} -> {nll_new:.2f}")
+    chars = {name: sum(map(len, a)) / len(a) for name, a in answers.items()}
+    print(f"{hidden}: win-rate {result.win_rate:.3f} ({result.wins}/{result.losses}/{result.ties}), "
+          f"p {sign_test_p_value(result.wins, result.losses):.2g}, KL {kl:.2f}, NLL {nll_base:.2f} -> {nll_new:.2f}, "
+          f"chars {chars['base']:.0f} -> {chars['new']:.0f}")
     assert result.win_rate > 0.5 and sign_test_p_value(result.wins, result.losses) < 0.05
     assert nll_new - nll_base <= 0.5
