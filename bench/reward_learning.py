@@ -10,7 +10,7 @@ Embeddings are cached in a SQLite store (default .cache/reward_bench.sqlite3): t
 ~4,000 texts with MiniLM (about 1.5 minutes on 2 cores), later runs read them back. The last table
 times `rlhf-backend reward fit` on all 1,000 pairs with an empty cache, as a user would run it.
 
-    .venv/bin/python bench/reward_learning.py [--cache PATH] [--chunk 10] [--repeats 3]
+    .venv/bin/python bench/reward_learning.py [--cache PATH] [--chunk 10] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ NAMES = {
     "shorter": "prefer the shorter answer (no training)",
     "tfidf": "baseline: TF-IDF char 2-5-grams + logistic regression",
     "emb": "baseline: frozen MiniLM response embeddings + logistic regression",
-    "head_emb": "ablation: the default RM's embedding head alone",
+    "head_emb": "ablation: the default RM's embedding head (final layer, question x response) alone",
+    "head_middle": "ablation: the default RM's middle-layer head alone",
     "head_ngram": "ablation: the default RM's n-gram head alone",
     "rm_inc": "default RM, incremental (chunks of 10, replay 256, full refit every 10 updates)",
-    "rm": "**default RM (embedding head + n-gram head), one refit on the training pairs**",
+    "rm": "**default RM (sum of the three heads), one refit on the training pairs**",
 }
 
 
@@ -142,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "reward_bench.sqlite3")
     parser.add_argument("--chunk", type=int, default=10, help="pairs per incremental update")
-    parser.add_argument("--repeats", type=int, default=3, help="4-fold splits, each with another seed")
+    parser.add_argument("--repeats", type=int, default=5, help="4-fold splits, each with another seed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-cold-fit", action="store_true", help="do not time `reward fit` with an empty cache")
     args = parser.parse_args()
@@ -171,8 +172,9 @@ def main() -> None:
             fitted = fit_on(untrained, [pairs[i] for i in tr])
             times["fold_refit"].append(time.perf_counter() - mark)
             margins["rm"] = score_margins(fitted, held)
-            margins["head_emb"] = score_margins(fitted.replace(ngrams=None), held)
-            margins["head_ngram"] = margins["rm"] - margins["head_emb"]
+            margins["head_emb"] = score_margins(fitted.replace(middle=None, ngrams=None), held)
+            margins["head_middle"] = score_margins(fitted.replace(weights=torch.zeros_like(fitted.weights), ngrams=None), held)
+            margins["head_ngram"] = margins["rm"] - margins["head_emb"] - margins["head_middle"]
             for key, m in margins.items():
                 correct[key][repeat, te] = m > 0
             if repeat == 0:
@@ -214,7 +216,7 @@ def main() -> None:
     print("\n## Wall time per update (median; embeddings cached)\n")
     print("| update | median | count |")
     print("|---|---|---|")
-    print(f"| incremental (new + replay, warm-started L-BFGS, both heads) | {ms(times['incremental'])} | {len(times['incremental'])} |")
+    print(f"| incremental (new + replay, warm-started L-BFGS, every head) | {ms(times['incremental'])} | {len(times['incremental'])} |")
     print(f"| scheduled full refit inside the incremental run (L2 tuned per head) | {ms(times['full'])} | {len(times['full'])} |")
     print(f"| refit from scratch on the pairs seen (L2 tuned per head) | {ms(times['scratch'])} | {len(times['scratch'])} |")
     print(f"| refit on all ~{n * 3 // 4} training pairs of a fold | {ms(times['fold_refit'])} | {len(times['fold_refit'])} |")

@@ -104,13 +104,15 @@ def test_weights_of_the_wrong_length_are_refused_with_the_fix(encoder):
         RewardModel(encoder, torch.zeros(2 * encoder.dim + 1))
 
 
-def test_fit_tunes_l2_on_the_training_prompts_and_both_heads_load_back_scoring_the_same(encoder, tmp_path):
+def test_fit_tunes_l2_on_the_training_prompts_and_every_head_loads_back_scoring_the_same(encoder, tmp_path):
     prompts = [f"question {i}?" for i in range(80)]
     model = RewardModel(encoder).fit(prompts, [f"the answer is {i}" for i in range(80)],
                                      ["I am sorry, I cannot help." for _ in range(80)], [0.0] * 80).model
     model.save(tmp_path / "v1")
     loaded = load_reward_model(tmp_path / "v1", encoder)
-    assert (loaded.l2_per_pair, loaded.ngrams.l2_per_pair) == (model.l2_per_pair, model.ngrams.l2_per_pair)
+    assert loaded.l2_per_pair == model.l2_per_pair
+    assert loaded.middle.l2_per_pair == model.middle.l2_per_pair
+    assert loaded.ngrams.head.l2_per_pair == model.ngrams.head.l2_per_pair
     texts = ["the answer is 7", "I am sorry", "never seen before"]
     assert loaded.score(["q?"] * 3, texts) == pytest.approx(model.score(["q?"] * 3, texts), abs=1e-9)
 
@@ -124,21 +126,31 @@ def test_ngram_head_learns_a_surface_preference_and_keeps_its_vocabulary_when_up
     assert polite > blunt
     updated = head.updated(["zebra zebra"], ["Item 5 is fine."], np.zeros(1), total_pairs=61, iters=5)
     assert updated.vectorizer.vocabulary_ == head.vectorizer.vocabulary_  # new n-grams wait for a full refit
-    assert not np.array_equal(updated.weights, head.weights)
+    assert not np.array_equal(updated.head.weights, head.head.weights)
 
 
 def test_ngram_head_of_empty_texts_is_absent_not_an_error():
     assert NgramHead.fit(["q"], [""], ["   "], np.zeros(1)) is None
 
 
-def test_a_version_saved_before_the_ngram_head_existed_scores_with_its_embedding_head(encoder, tmp_path):
+def test_a_version_saved_before_the_middle_and_ngram_heads_existed_scores_with_its_embedding_head(encoder, tmp_path):
     model = RewardModel(encoder).fit([f"q{i}" for i in range(30)], [f"yes {i}" for i in range(30)],
                                      ["no" for _ in range(30)], [0.0] * 30).model
     model.save(tmp_path / "v1")
     (tmp_path / "v1" / "ngrams.json").unlink()
+    (tmp_path / "v1" / "middle.json").unlink()
     old = load_reward_model(tmp_path / "v1", encoder)
-    assert old.ngrams is None
-    assert old.score(["q"], ["yes 3"]) == pytest.approx(model.replace(ngrams=None).score(["q"], ["yes 3"]))
+    assert (old.middle, old.ngrams) == (None, None)
+    assert old.score(["q"], ["yes 3"]) == pytest.approx(model.replace(middle=None, ngrams=None).score(["q"], ["yes 3"]))
+
+
+def test_one_forward_pass_caches_both_views_of_a_text(encoder, store):
+    cached = TextEncoder(encoder.model, encoder.tokenizer, name="views", store=store)
+    final = cached.embed(["a new text"])
+    reader = TextEncoder(encoder.model, encoder.tokenizer, name="views", store=store)
+    reader._embed_uncached = lambda texts: pytest.fail(f"recomputed {texts}")
+    assert reader.embed(["a new text"], "middle").shape == (1, cached.view_dim("middle"))
+    assert np.array_equal(reader.embed(["a new text"]), final)
 
 
 def test_a_failed_save_leaves_the_previous_version_intact(encoder, tmp_path, monkeypatch):
