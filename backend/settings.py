@@ -39,9 +39,9 @@ class Settings(BaseModel):
 
     # --- reward-model updates ---
     reward_tier: Literal["head", "finetune"] = Field(
-        "head", description="head: frozen encoder + Bradley-Terry head (ms updates); finetune: RewardTrainer+LoRA (minutes)")
+        "head", description="head: Bradley-Terry heads on frozen embeddings and n-grams (ms updates); finetune: RewardTrainer+LoRA (minutes)")
     reward_replay_pairs: int = Field(256, ge=0, description="Older pairs replayed beside the new ones in each reward update")
-    reward_full_refit_every: int = Field(10, ge=1, description="Incremental reward updates between full refits of the head")
+    reward_full_refit_every: int = Field(10, ge=1, description="Incremental reward updates between full refits of the heads")
 
     # --- training triggers and the RL step ---
     ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
