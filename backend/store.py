@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -44,6 +45,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from backend import ledger
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK_KEY = 0x726C6866  # "rlhf": the PostgreSQL advisory lock held while migrating
 
 
 def _now() -> datetime:
@@ -447,10 +449,19 @@ class Store:
 
 @contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """Serialise migrations of one SQLite file across processes (gunicorn workers start together).
+    """Serialise schema migrations across processes (gunicorn workers and the worker start together).
 
-    Other databases take Alembic's own transactional DDL; run `rlhf-backend worker` once first there.
+    SQLite: a file lock beside the database. PostgreSQL: a session-level advisory lock. Without it,
+    two processes migrating an empty database both try to create the same tables.
     """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        return
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield

@@ -121,6 +121,20 @@ def _enqueue_in_another_process(url: str, task_id: int) -> int:
     return Store(url).enqueue("generate", 1, task_ids=[task_id])
 
 
+def test_processes_starting_together_on_an_empty_database_migrate_it_once(store_url):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        counts = pool.map(_migrate_in_another_process, [store_url] * 4)
+    assert counts == [0, 0, 0, 0]  # every process got a working schema; none failed creating a table twice
+
+
+def _migrate_in_another_process(url: str) -> int:
+    store = Store(url)
+    store.create_schema()
+    return store.pair_count()
+
+
 def test_schema_migrations_are_safe_to_run_twice(store_url):
     url = store_url
     Store(url).create_schema()
