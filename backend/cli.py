@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 
 import typer
 
+from backend import configure_logging
 from backend.reward_cli import reward_app
 from backend.settings import SettingsError, load_settings
 
@@ -21,11 +21,6 @@ def _settings():
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio request drowns the story
 
 
 @cli.command()
@@ -42,7 +37,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to bind"),
 @cli.command()
 def worker() -> None:
     """Run the training worker alone (generation, reward fitting, PPO)."""
-    _logging()
+    configure_logging()
     from backend.worker import run_worker
 
     run_worker(_settings())
@@ -157,7 +152,7 @@ def policy_rollback(version: int = typer.Argument(..., help="Policy version to s
 def demo(port: int = typer.Option(8080, help="Label Studio port"),
          backend_port: int = typer.Option(9090, help="Backend port")) -> None:
     """Start Label Studio and the backend, run a scripted annotator through the loop, keep both running."""
-    _logging()
+    configure_logging()
     from backend.demo import run_demo
 
     run_demo(_settings(), ls_port=port, backend_port=backend_port)
