@@ -444,7 +444,7 @@ class FineTunedRewardModel:
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
-                                 max_length=512, return_tensors="pt")
+                                 max_length=512, return_tensors="pt").to(self.model.device)
             out += self.model(**enc).logits[:, 0].tolist()  # (B,)
         return out
 

@@ -183,8 +183,9 @@ def finetune_reward_model(base: str, prompts: list[str], chosen: list[str], reje
         output_dir=str(output_dir), num_train_epochs=policy.finetune_epochs, per_device_train_batch_size=8,
         learning_rate=1e-4 if policy.finetune_lora_rank else 2e-5, seed=seed, report_to="none",
         save_strategy="no", logging_steps=10, max_length=512,
-        # on CPU: trl's defaults (bf16, gradient checkpointing) were 2.5x slower here (shared/models/README.md)
-        bf16=False, use_cpu=True, gradient_checkpointing=False,
+        # trl's defaults (bf16, gradient checkpointing) were 2.5x slower on CPU (shared/models/README.md);
+        # a GPU, where there is one, trains this tier in seconds
+        bf16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
         # BERT-style tokenizers have no eos token; RewardTrainer appends one to every text
         eos_token=tokenizer.eos_token or tokenizer.sep_token,
     )
