@@ -100,12 +100,12 @@ def create_app(settings: Settings) -> Flask:
 
     @app.get("/status")
     def status():
-        pairs = store.pairs()
+        orders = store.pair_orders()
         return jsonify(
             model_version=registry.model_version(),
-            pairs=len(pairs),
-            agreement={"pairwise": asdict(pairwise_agreement(pairs)),
-                       "annotators": {str(who): asdict(a) for who, a in annotator_consistency(pairs).items()}},
+            pairs=len(orders),
+            agreement={"pairwise": asdict(pairwise_agreement(orders)),
+                       "annotators": {str(who): asdict(a) for who, a in annotator_consistency(orders).items()}},
             policy_versions=[vars(v) for v in store.versions("policy")],
             reward_versions=[vars(v) for v in store.versions("reward")],
             jobs=store.job_counts(),

@@ -174,3 +174,23 @@ def test_a_database_of_the_first_schema_is_migrated_in_place(store_url):
                                    "VALUES ('policy', 0, '/base', 0, '{}', '2026-01-01')")
     Store(url).create_schema()
     assert Store(url).latest_version("policy").path == "/base"
+
+
+def test_pair_orders_name_candidates_by_id_or_else_by_text_for_agreement(store):
+    from backend.agreement import pairwise_agreement
+    from backend.ledger import AnnotationSaved, parse_time
+    from backend.preferences import PreferencePair
+
+    def saved(annotation_id: int, annotator: int, chosen: str, ids: bool) -> AnnotationSaved:
+        pair = PreferencePair(project_id=1, task_id=2, annotator=annotator, prompt="p", chosen=chosen,
+                              rejected="x" if chosen == "y" else "y", margin=0.0, chosen_policy_version=0,
+                              rejected_policy_version=0, chosen_id=f"id-{chosen}" if ids else None,
+                              rejected_id=("id-x" if chosen == "y" else "id-y") if ids else None)
+        return AnnotationSaved(annotation_id, 1, 2, parse_time("2026-01-01T00:00:00Z"), (pair,))
+
+    for annotation_id, annotator, chosen, ids in ((1, 1, "x", True), (2, 2, "x", True), (3, 3, "y", False)):
+        store.apply_annotation_event(saved(annotation_id, annotator, chosen, ids))
+    orders = store.pair_orders()
+    assert [(o["annotator"], o["chosen_id"], o["rejected_id"]) for o in orders] == [
+        (1, "id-x", "id-y"), (2, "id-x", "id-y"), (3, "y", "x")]
+    assert pairwise_agreement(orders) == pairwise_agreement(store.pairs())
