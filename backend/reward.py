@@ -195,12 +195,6 @@ def choose_l2_per_pair(diffs, margin: np.ndarray, prompts: list[str]) -> float:
     return min(L2_PER_PAIR, key=held_out_loss)
 
 
-def fit_tuned(diffs, margin: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, float]:
-    """(weights, L2 per pair): a head fitted on every given pair, its L2 chosen on a split of these prompts."""
-    per_pair = choose_l2_per_pair(diffs, margin, prompts)
-    return fit_bradley_terry(diffs, margin, l2=per_pair / max(1, len(prompts))), per_pair
-
-
 @dataclass(frozen=True)
 class LinearHead:
     """Bradley-Terry weights over one view's features, with the L2 (per pair) they were tuned to."""
@@ -210,8 +204,8 @@ class LinearHead:
     @classmethod
     def fit(cls, diffs, margin: np.ndarray, prompts: list[str]) -> LinearHead:
         """Fitted from scratch on every given pair, the L2 chosen on a split of these prompts."""
-        weights, per_pair = fit_tuned(diffs, margin, prompts)
-        return cls(weights, per_pair)
+        per_pair = choose_l2_per_pair(diffs, margin, prompts)
+        return cls(fit_bradley_terry(diffs, margin, l2=per_pair / max(1, len(prompts))), per_pair)
 
     def updated(self, diffs, margin: np.ndarray, total_pairs: int, iters: int) -> LinearHead:
         """Warm-started and moved a few L-BFGS steps on these (new + replayed) pairs.
@@ -232,10 +226,10 @@ class LinearHead:
 
 
 # --- the surface view: character n-grams of the response ---
-def ngram_vectorizer(texts: int, vocabulary: dict[str, int] | None = None) -> TfidfVectorizer:
+def ngram_vectorizer(min_df: int = 1, vocabulary: dict[str, int] | None = None) -> TfidfVectorizer:
     """TF-IDF of character 2-5-grams inside word boundaries: spelling, punctuation, stock phrases."""
     return TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, dtype=np.float64,
-                           min_df=2 if texts >= 50 and vocabulary is None else 1, vocabulary=vocabulary)
+                           min_df=min_df, vocabulary=vocabulary)
 
 
 @dataclass(frozen=True)
@@ -252,8 +246,10 @@ class NgramHead:
     @classmethod
     def fit(cls, prompts: list[str], chosen: list[str], rejected: list[str], margin: np.ndarray) -> NgramHead | None:
         """A head fitted from scratch, its vocabulary read from these texts; None when they hold no n-gram."""
+        # an n-gram of one text teaches nothing about others, but a handful of pairs needs every one
+        min_df = 2 if len(chosen) >= 25 else 1
         try:
-            vectorizer = ngram_vectorizer(2 * len(chosen)).fit(list(chosen) + list(rejected))
+            vectorizer = ngram_vectorizer(min_df).fit(list(chosen) + list(rejected))
         except ValueError:  # every text empty or blank: nothing to learn from
             return None
         diffs = ngram_diffs(vectorizer, chosen, rejected)
@@ -274,7 +270,7 @@ class NgramHead:
 
     @classmethod
     def from_json(cls, data: dict) -> NgramHead:
-        vectorizer = ngram_vectorizer(len(data["vocabulary"]), vocabulary=data["vocabulary"])
+        vectorizer = ngram_vectorizer(vocabulary=data["vocabulary"])
         vectorizer.idf_ = np.asarray(data["idf"], dtype=np.float64)
         return cls(vectorizer, LinearHead.from_json(data))
 
@@ -296,8 +292,8 @@ def refit(model: RewardModel, prompts: list[str], chosen: list[str], rejected: l
           margin: np.ndarray) -> RewardModel:
     """Every head fitted from scratch on every given pair, each with its L2 tuned on a split of these prompts."""
     margin = np.asarray(margin, dtype=np.float64)
-    weights, per_pair = fit_tuned(model.pair_diffs(prompts, chosen, rejected), margin, prompts)
-    return model.replace(weights=torch.from_numpy(weights).float(), l2_per_pair=per_pair,
+    embedding = LinearHead.fit(model.pair_diffs(prompts, chosen, rejected), margin, prompts)
+    return model.replace(weights=torch.from_numpy(embedding.weights).float(), l2_per_pair=embedding.l2_per_pair,
                          middle=LinearHead.fit(model.middle_diffs(chosen, rejected), margin, prompts),
                          ngrams=NgramHead.fit(prompts, chosen, rejected, margin))
 
@@ -311,12 +307,12 @@ def refit_incrementally(model: RewardModel, prompts: list[str], chosen: list[str
     at the next full refit.
     """
     margin = np.asarray(margin, dtype=np.float64)
-    weights = fit_bradley_terry(model.pair_diffs(prompts, chosen, rejected), margin,
-                                l2=model.l2_per_pair / max(1, total_pairs), init=model.weights.numpy(), max_iter=iters)
+    embedding = LinearHead(model.weights.double().numpy(), model.l2_per_pair).updated(
+        model.pair_diffs(prompts, chosen, rejected), margin, total_pairs, iters)
     middle = (model.middle.updated(model.middle_diffs(chosen, rejected), margin, total_pairs, iters)
               if model.middle else None)
     ngrams = model.ngrams.updated(chosen, rejected, margin, total_pairs, iters) if model.ngrams else None
-    return model.replace(weights=torch.from_numpy(weights).float(), middle=middle, ngrams=ngrams)
+    return model.replace(weights=torch.from_numpy(embedding.weights).float(), middle=middle, ngrams=ngrams)
 
 
 class RewardModel:
