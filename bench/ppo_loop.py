@@ -204,9 +204,8 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     started = time.perf_counter()
     # annotate: the scripted annotator ranks the base policy's candidates
     prompts, chosen, rejected = annotate(train_prompts, candidates, preference)
-    # reward model: MiniLM + Bradley-Terry head fitted on every pair
-    reward = RewardModel(encoder)
-    reward.weights = reward.fit(prompts, chosen, rejected, [0.0] * len(prompts)).weights
+    # reward model: the default (MiniLM and character n-gram heads) fitted on every pair
+    reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
     rm_accuracy = held_out_accuracy(reward, eval_prompts, base_answers, preference)
     log.info("%s: %d pairs, reward model accuracy %.3f on held-out answer pairs", name, len(prompts), rm_accuracy)
     # RL: PPO against the reward model, centred per prompt on the candidates the annotator saw
