@@ -180,19 +180,44 @@ def bradley_terry_loss(margins: np.ndarray, target_margin: np.ndarray | float = 
     return float(np.logaddexp(0.0, -(np.asarray(margins, dtype=np.float64) - target_margin)).mean())
 
 
-def choose_l2_per_pair(diffs, margin: np.ndarray, prompts: list[str]) -> float:
-    """The L2_PER_PAIR value with the lowest held-out Bradley-Terry loss on a split of these (training) prompts."""
+def tuning_split(prompts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fit rows, check rows): a split of these training prompts to tune on; None when a side has under 10 pairs."""
     inner = np.array([is_held_out(p, salt="tune") for p in prompts], dtype=bool)
-    if inner.sum() < 10 or (~inner).sum() < 10:  # too few pairs to tell strengths apart
-        return DEFAULT_L2_PER_PAIR
-    fit_rows, check_rows = np.flatnonzero(~inner), np.flatnonzero(inner)
+    if inner.sum() < 10 or (~inner).sum() < 10:  # too few pairs to tell settings apart
+        return None
+    return np.flatnonzero(~inner), np.flatnonzero(inner)
+
+
+def choose_l2_per_pair(diffs, margin: np.ndarray, prompts: list[str]) -> tuple[float, np.ndarray | None]:
+    """(the L2_PER_PAIR value with the lowest Bradley-Terry loss on the tuning split's check rows, the
+    margins it gave those rows), or (the default, None) when there are too few pairs to tune."""
+    split = tuning_split(prompts)
+    if split is None:
+        return DEFAULT_L2_PER_PAIR, None
+    fit_rows, check_rows = split
     diffs, margin = _as_float64(diffs), np.asarray(margin, dtype=np.float64)
-
-    def held_out_loss(per_pair: float) -> float:
+    checked = {}
+    for per_pair in L2_PER_PAIR:
         w = fit_bradley_terry(diffs[fit_rows], margin[fit_rows], l2=per_pair / len(fit_rows))
-        return bradley_terry_loss(diffs[check_rows] @ w, margin[check_rows])
+        checked[per_pair] = diffs[check_rows] @ w
+    best = min(checked, key=lambda per_pair: bradley_terry_loss(checked[per_pair], margin[check_rows]))
+    return best, checked[best]
 
-    return min(L2_PER_PAIR, key=held_out_loss)
+
+def calibrated_scale(check_margins: list[np.ndarray | None], margin: np.ndarray, prompts: list[str]) -> float:
+    """The factor on the heads' summed margins with the lowest Bradley-Terry loss on the tuning split's
+    check rows, which none of them trained on (1.0 when there were too few pairs to tune).
+
+    Each head is fitted to be a reward model on its own, so their sum counts the evidence they share
+    more than once and is over-confident. Calibrated margins keep /predict's confidence honest and the
+    reward PPO sees on the scale of one Bradley-Terry model (the scale its KL settings were tuned on).
+    """
+    split = tuning_split(prompts)
+    if split is None or any(m is None for m in check_margins):
+        return 1.0
+    summed, target = np.sum(check_margins, axis=0), np.asarray(margin, dtype=np.float64)[split[1]]
+    return float(optimize.minimize_scalar(lambda s: bradley_terry_loss(s * summed, target), bounds=(0.0, 4.0),
+                                          method="bounded").x)
 
 
 @dataclass(frozen=True)
@@ -202,10 +227,11 @@ class LinearHead:
     l2_per_pair: float
 
     @classmethod
-    def fit(cls, diffs, margin: np.ndarray, prompts: list[str]) -> LinearHead:
-        """Fitted from scratch on every given pair, the L2 chosen on a split of these prompts."""
-        per_pair = choose_l2_per_pair(diffs, margin, prompts)
-        return cls(fit_bradley_terry(diffs, margin, l2=per_pair / max(1, len(prompts))), per_pair)
+    def fit(cls, diffs, margin: np.ndarray, prompts: list[str]) -> tuple[LinearHead, np.ndarray | None]:
+        """(head fitted from scratch on every given pair, the L2 chosen on a split of these prompts;
+        the margins that L2 gave the split's check rows, out of sample)."""
+        per_pair, check_margins = choose_l2_per_pair(diffs, margin, prompts)
+        return cls(fit_bradley_terry(diffs, margin, l2=per_pair / max(1, len(prompts))), per_pair), check_margins
 
     def updated(self, diffs, margin: np.ndarray, total_pairs: int, iters: int) -> LinearHead:
         """Warm-started and moved a few L-BFGS steps on these (new + replayed) pairs.
@@ -244,16 +270,18 @@ class NgramHead:
     head: LinearHead
 
     @classmethod
-    def fit(cls, prompts: list[str], chosen: list[str], rejected: list[str], margin: np.ndarray) -> NgramHead | None:
-        """A head fitted from scratch, its vocabulary read from these texts; None when they hold no n-gram."""
+    def fit(cls, prompts: list[str], chosen: list[str], rejected: list[str],
+            margin: np.ndarray) -> tuple[NgramHead | None, np.ndarray | None]:
+        """(head fitted from scratch, its vocabulary read from these texts, or None when they hold no
+        n-gram; the check-row margins of `LinearHead.fit`)."""
         # an n-gram of one text teaches nothing about others, but a handful of pairs needs every one
         min_df = 2 if len(chosen) >= 25 else 1
         try:
             vectorizer = ngram_vectorizer(min_df).fit(list(chosen) + list(rejected))
         except ValueError:  # every text empty or blank: nothing to learn from
-            return None
-        diffs = ngram_diffs(vectorizer, chosen, rejected)
-        return cls(vectorizer, LinearHead.fit(diffs, margin, prompts))
+            return None, None
+        head, check_margins = LinearHead.fit(ngram_diffs(vectorizer, chosen, rejected), margin, prompts)
+        return cls(vectorizer, head), check_margins
 
     def updated(self, chosen: list[str], rejected: list[str], margin: np.ndarray, total_pairs: int,
                 iters: int) -> NgramHead:
@@ -290,12 +318,15 @@ class FitResult:
 
 def refit(model: RewardModel, prompts: list[str], chosen: list[str], rejected: list[str],
           margin: np.ndarray) -> RewardModel:
-    """Every head fitted from scratch on every given pair, each with its L2 tuned on a split of these prompts."""
+    """Every head fitted from scratch on every given pair, each with its L2 tuned on a split of these
+    prompts, and the scale of their sum calibrated on that split."""
     margin = np.asarray(margin, dtype=np.float64)
-    embedding = LinearHead.fit(model.pair_diffs(prompts, chosen, rejected), margin, prompts)
+    embedding, checked_embedding = LinearHead.fit(model.pair_diffs(prompts, chosen, rejected), margin, prompts)
+    middle, checked_middle = LinearHead.fit(model.middle_diffs(chosen, rejected), margin, prompts)
+    ngrams, checked_ngrams = NgramHead.fit(prompts, chosen, rejected, margin)
+    checked = [checked_embedding, checked_middle] + ([checked_ngrams] if ngrams is not None else [])
     return model.replace(weights=torch.from_numpy(embedding.weights).float(), l2_per_pair=embedding.l2_per_pair,
-                         middle=LinearHead.fit(model.middle_diffs(chosen, rejected), margin, prompts),
-                         ngrams=NgramHead.fit(prompts, chosen, rejected, margin))
+                         middle=middle, ngrams=ngrams, scale=calibrated_scale(checked, margin, prompts))
 
 
 def refit_incrementally(model: RewardModel, prompts: list[str], chosen: list[str], rejected: list[str],
@@ -303,8 +334,8 @@ def refit_incrementally(model: RewardModel, prompts: list[str], chosen: list[str
     """Every head warm-started and moved a few L-BFGS steps on these (new + replayed) pairs.
 
     The L2 is scaled by every training pair seen so far, as a full refit would, since the replay
-    sample stands in for all of them. A head a saved model lacks (saved before it existed) is fitted
-    at the next full refit.
+    sample stands in for all of them. The calibrated scale waits for the next full refit, and so does
+    a head a saved model lacks (saved before it existed).
     """
     margin = np.asarray(margin, dtype=np.float64)
     embedding = LinearHead(model.weights.double().numpy(), model.l2_per_pair).updated(
@@ -322,15 +353,16 @@ class RewardModel:
       question and the response;
     - the middle head (`middle`): linear in the encoder's middle-layer view of the response;
     - the n-gram head (`ngrams`): linear in TF-IDF character n-grams of the response.
-    Each head is fitted with its own tuned L2; the sum beats each alone and every baseline
-    (bench/reward_learning.py). `middle` and `ngrams` are None until the first fit.
+    Each head is fitted with its own tuned L2; the sum, times a `scale` calibrated on held-out pairs,
+    beats each alone and every baseline (bench/reward_learning.py). `middle` and `ngrams` are None
+    until the first fit.
     """
 
     tier = "head"
 
     def __init__(self, encoder: TextEncoder, weights: torch.Tensor | None = None, version: int | None = None,
                  l2_per_pair: float = DEFAULT_L2_PER_PAIR, middle: LinearHead | None = None,
-                 ngrams: NgramHead | None = None):
+                 ngrams: NgramHead | None = None, scale: float = 1.0):
         expected = num_features(encoder.dim)
         if weights is not None and weights.shape != (expected,):
             raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit encoder {encoder.name!r}: "
@@ -341,6 +373,7 @@ class RewardModel:
         self.l2_per_pair = l2_per_pair
         self.middle = middle
         self.ngrams = ngrams
+        self.scale = scale
 
     def features(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         questions = self.encoder.embed([last_human_turn(p) for p in prompts])
@@ -362,7 +395,7 @@ class RewardModel:
             scores = scores + self.encoder.embed(responses, "middle") @ self.middle.weights
         if self.ngrams is not None:
             scores = scores + self.ngrams.score(responses)
-        return scores.tolist()
+        return (self.scale * scores).tolist()
 
     def fit(self, prompts: list[str], chosen: list[str], rejected: list[str], margins: list[float]) -> FitResult:
         """Refit every head on every training pair, L2 tuned on a split of the training prompts;
@@ -385,13 +418,13 @@ class RewardModel:
     def replace(self, **changes) -> RewardModel:
         """A new model on the same encoder with some fields changed: fitting never mutates the served model."""
         fields = {"weights": self.weights, "version": None, "l2_per_pair": self.l2_per_pair, "middle": self.middle,
-                  "ngrams": self.ngrams}
+                  "ngrams": self.ngrams, "scale": self.scale}
         return RewardModel(self.encoder, **{**fields, **changes})
 
     def save(self, directory: Path) -> None:
         """Write every head atomically: a crash mid-write never leaves a broken version directory."""
         meta = {"tier": self.tier, "encoder": self.encoder.name, "dim": self.encoder.dim,
-                "l2_per_pair": self.l2_per_pair}
+                "l2_per_pair": self.l2_per_pair, "scale": self.scale}
         with atomic_directory(directory) as staging:
             torch.save(self.weights, staging / "head.pt")
             if self.middle is not None:
@@ -413,7 +446,8 @@ class RewardModel:
         return cls(encoder, torch.load(directory / "head.pt"), version=version,
                    l2_per_pair=meta.get("l2_per_pair", DEFAULT_L2_PER_PAIR),
                    middle=LinearHead.from_json(json.loads(middle.read_text())) if middle.exists() else None,
-                   ngrams=NgramHead.from_json(json.loads(ngrams.read_text())) if ngrams.exists() else None)
+                   ngrams=NgramHead.from_json(json.loads(ngrams.read_text())) if ngrams.exists() else None,
+                   scale=float(meta.get("scale", 1.0)))
 
 
 def finetune_text(prompt: str, response: str) -> str:

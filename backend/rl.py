@@ -84,20 +84,31 @@ def improve_policy(
     return _train_trl(algorithm, model, tokenizer, prompts, reward_fn, config, group_size, on_step)
 
 
-def prompt_centred(reward_fn: RewardFn, candidates: dict[str, list[str]]) -> RewardFn:
-    """`reward_fn` minus, per prompt, the mean score of the candidates annotators saw for it.
+def normalised_to_candidates(reward_fn: RewardFn, candidates: dict[str, list[str]]) -> RewardFn:
+    """`reward_fn` in units of the candidates annotators saw: minus, per prompt, their mean score,
+    divided by the spread of their scores around those means (pooled over prompts).
 
-    The reward model's score moves more between prompts than between answers to one prompt, and
-    PPO's single sample per prompt cannot tell the two apart until its value head has learnt the
-    prompts (GRPO's group mean plays the same part): centring takes the prompt's share out.
-    Prompts without known candidates are left as they are.
+    Centring: the reward model's score moves more between prompts than between answers to one
+    prompt, and PPO's single sample per prompt cannot tell the two apart until its value head has
+    learnt the prompts (GRPO's group mean plays the same part). Scaling: reward models differ in
+    scale (a confident model's margins are ten times a cautious one's), while the KL coefficient
+    prices reward in nats; in these units it means the same for every reward model. Ziegler et al.
+    (2019) normalise the reward model on the base policy's samples the same way.
+    Prompts without known candidates are only scaled.
     """
-    baseline = {p: sum(reward_fn([p] * len(c), c)) / len(c) for p, c in candidates.items() if c}
+    baseline, deviations = {}, []
+    for prompt, texts in candidates.items():
+        if texts:
+            scores = reward_fn([prompt] * len(texts), texts)
+            baseline[prompt] = sum(scores) / len(scores)
+            deviations += [s - baseline[prompt] for s in scores]
+    spread = math.sqrt(sum(d * d for d in deviations) / len(deviations)) if deviations else 0.0
+    unit = spread if spread > 1e-8 else 1.0  # candidates the model cannot tell apart: leave the scale alone
 
-    def centred(prompts: list[str], responses: list[str]) -> list[float]:
-        return [s - baseline.get(p, 0.0) for p, s in zip(prompts, reward_fn(prompts, responses))]
+    def normalised(prompts: list[str], responses: list[str]) -> list[float]:
+        return [(s - baseline.get(p, 0.0)) / unit for p, s in zip(prompts, reward_fn(prompts, responses))]
 
-    return centred
+    return normalised
 
 
 def from_ppo(s: PPOStepStats) -> StepStats:

@@ -51,7 +51,7 @@ from backend.models import (  # noqa: E402
 from backend.ppo import PPOConfig  # noqa: E402
 from backend.preferences import pairs_from_tiers  # noqa: E402
 from backend.reward import RewardModel, TextEncoder  # noqa: E402
-from backend.rl import improve_policy, prompt_centred  # noqa: E402
+from backend.rl import improve_policy, normalised_to_candidates  # noqa: E402
 
 log = logging.getLogger("ppo_loop")
 
@@ -153,7 +153,7 @@ class Knobs:
     held_out: int = 24  # held-out prompts
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         steps=16, batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-4, lora_rank=16,
-        max_new_tokens=32, init_kl_coef=0.05, target_kl=4.0, stop_kl=6.0))
+        max_new_tokens=32, init_kl_coef=0.02, target_kl=4.0, stop_kl=6.0))
 
 
 @dataclass
@@ -208,10 +208,10 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
     rm_accuracy = held_out_accuracy(reward, eval_prompts, base_answers, preference)
     log.info("%s: %d pairs, reward model accuracy %.3f on held-out answer pairs", name, len(prompts), rm_accuracy)
-    # RL: PPO against the reward model, centred per prompt on the candidates the annotator saw
-    centred_reward = prompt_centred(reward.score, dict(zip(train_prompts, candidates)))
+    # RL: PPO against the reward model, in units of the candidates the annotator saw
+    reward_fn = normalised_to_candidates(reward.score, dict(zip(train_prompts, candidates)))
     torch.manual_seed(knobs.ppo.seed)
-    new, stats = improve_policy("ppo", base, tokenizer, train_prompts, centred_reward, knobs.ppo)
+    new, stats = improve_policy("ppo", base, tokenizer, train_prompts, reward_fn, knobs.ppo)
     log.info("%s: PPO done at %.0fs", name, time.perf_counter() - started)
     update_seconds = [s.seconds - s.extra["rollout_seconds"] for s in stats]
     rollout_tps = sum(s.extra["response_tokens"] for s in stats) / sum(s.extra["rollout_seconds"] for s in stats)

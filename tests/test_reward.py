@@ -10,7 +10,9 @@ from backend.reward import (
     RewardModel,
     TextEncoder,
     bradley_terry_loss,
+    calibrated_scale,
     fit_bradley_terry,
+    tuning_split,
     is_held_out,
     last_human_turn,
     load_reward_model,
@@ -121,7 +123,7 @@ def test_ngram_head_learns_a_surface_preference_and_keeps_its_vocabulary_when_up
     prompts = [f"question {i}?" for i in range(60)]
     chosen = [f"Thank you for asking! Item {i} is fine." for i in range(60)]
     rejected = [f"Item {i} is fine." for i in range(60)]
-    head = NgramHead.fit(prompts, chosen, rejected, np.zeros(60))
+    head, _ = NgramHead.fit(prompts, chosen, rejected, np.zeros(60))
     polite, blunt = head.score(["Thank you! Item 99 is fine.", "Item 99 is fine."])
     assert polite > blunt
     updated = head.updated(["zebra zebra"], ["Item 5 is fine."], np.zeros(1), total_pairs=61, iters=5)
@@ -130,7 +132,7 @@ def test_ngram_head_learns_a_surface_preference_and_keeps_its_vocabulary_when_up
 
 
 def test_ngram_head_of_empty_texts_is_absent_not_an_error():
-    assert NgramHead.fit(["q"], [""], ["   "], np.zeros(1)) is None
+    assert NgramHead.fit(["q"], [""], ["   "], np.zeros(1)) == (None, None)
 
 
 def test_a_version_saved_before_the_middle_and_ngram_heads_existed_scores_with_its_embedding_head(encoder, tmp_path):
@@ -162,3 +164,17 @@ def test_a_failed_save_leaves_the_previous_version_intact(encoder, tmp_path, mon
     monkeypatch.undo()
     assert torch.equal(RewardModel.load(root / "v1", encoder).weights, torch.ones(num_features(encoder.dim)))
     assert [p.name for p in root.iterdir()] == ["v1"]  # no staging directory left behind
+
+
+def test_calibration_halves_the_sum_of_two_heads_that_carry_the_same_evidence():
+    prompts = [f"prompt {i}" for i in range(400)]
+    check = tuning_split(prompts)[1]
+    rng = np.random.default_rng(0)
+    z = rng.uniform(-3, 3, len(check))
+    won = rng.random(len(check)) < 1 / (1 + np.exp(-z))  # each pair's chosen answer wins with P = sigmoid(z)
+    margins = np.where(won, z, -z)  # a calibrated head's margin for (chosen, rejected)
+    one = calibrated_scale([margins], np.zeros(len(prompts)), prompts)
+    two = calibrated_scale([margins, margins], np.zeros(len(prompts)), prompts)
+    assert 0.7 < one < 1.3  # one calibrated head needs (about) no correction
+    assert two == pytest.approx(one / 2, rel=1e-3)
+    assert calibrated_scale([None], np.zeros(3), prompts[:3]) == 1.0  # too few pairs to calibrate on

@@ -73,3 +73,17 @@ def test_improve_policy_rejects_group_of_one_for_grpo(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="group_size=1 is invalid for grpo"):
         improve_policy("grpo", model, tokenizer, PROMPTS, count_a_reward, PPOConfig(), group_size=1)
+
+
+def test_rewards_are_centred_per_prompt_and_scaled_to_the_candidates_spread():
+    from backend.rl import normalised_to_candidates
+
+    def score(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+    candidates = {"a": ["x", "xxx"], "b": ["x" * 10, "x" * 14]}  # scores 1, 3 and 10, 14: means 2 and 12
+    spread = math.sqrt((1 + 1 + 4 + 4) / 4)
+    reward = normalised_to_candidates(score, candidates)
+    assert reward(["a", "b", "c"], ["xxxxx", "x" * 12, "xx"]) == pytest.approx([3 / spread, 0.0, 2 / spread])
+    tenfold = normalised_to_candidates(lambda p, r: [10 * s for s in score(p, r)], candidates)
+    assert tenfold(["a"], ["xxxxx"]) == pytest.approx(reward(["a"], ["xxxxx"]))  # any reward model's scale

@@ -47,8 +47,11 @@ def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float,
 
 
 def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference(tiny_policy, tiny_encoder):
+    # no KL penalty, 30 steps of 16: a random 2-layer policy moves little per step, and with 10 steps of
+    # 8 whether it climbed at all changed from one PYTHONHASHSEED to the next
     knobs = Knobs(candidates=4, candidate_tokens=12, eval_samples=4, held_out=24, ppo=PPOConfig(
-        steps=10, batch_size=8, mini_batch_size=4, max_new_tokens=12, lora_rank=8, learning_rate=1e-1))
+        steps=30, batch_size=16, mini_batch_size=8, max_new_tokens=12, lora_rank=8, learning_rate=1e-2,
+        init_kl_coef=0.0))
     # "shorter": a random tiny encoder cannot see digits, but the reward model's length feature sees length
     result = experiment(str(tiny_policy), str(tiny_encoder), knobs, max_kl=1e9, name="shorter")
     assert result.pairs > 0
