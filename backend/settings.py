@@ -56,7 +56,7 @@ class Settings(BaseModel):
         0.02, ge=0, description="Initial KL penalty coefficient to the previous policy (rewards in units of the candidates' spread)")
     ppo_target_kl: float = Field(4.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
     ppo_stop_kl: float = Field(
-        6.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
+        4.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
     ppo_max_kl: float = Field(
         12.0, gt=0, description="Publish no policy whose held-out KL to the serving one exceeds this (nats/answer)")
     ppo_max_nll_rise: float = Field(

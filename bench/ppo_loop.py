@@ -153,7 +153,7 @@ class Knobs:
     held_out: int = 24  # held-out prompts
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         steps=16, batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-4, lora_rank=16,
-        max_new_tokens=32, init_kl_coef=0.02, target_kl=4.0, stop_kl=6.0))
+        max_new_tokens=32, init_kl_coef=0.02, target_kl=4.0, stop_kl=4.0))
 
 
 @dataclass
