@@ -13,7 +13,6 @@ import argparse
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from reward_learning import split  # noqa: E402
 
 from backend.models import DEFAULT_ENCODER, resolve_encoder  # noqa: E402
 from backend.reward_training import UpdatePolicy, finetune_reward_model, read_pairs, score_margins  # noqa: E402
@@ -34,7 +36,7 @@ def main() -> None:
     base = args.base or resolve_encoder(DEFAULT_ENCODER)
     print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", flush=True)
     pairs = read_pairs(args.pairs)
-    fold = np.array([zlib.crc32(p.prompt.encode()) % 4 for p in pairs])
+    fold = split([p.prompt for p in pairs], repeat=0)
     for rank, epochs in ((8, 2), (0, 2), (0, 4)):
         correct, seconds = np.zeros(len(pairs), bool), []
         for k in range(4):
