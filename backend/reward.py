@@ -111,22 +111,27 @@ class TextEncoder:
 
     def embed(self, texts: list[str], view: str = "final") -> np.ndarray:
         """(len(texts), view_dim) float32 embeddings; texts seen before by any process come from the store."""
-        if view not in self.VIEWS:
-            raise ValueError(f"view {view!r} is not one of {self.VIEWS}")
-        keys = [self._key(view, t) for t in texts]
-        cached = self.store.get_embeddings(list(set(keys))) if self.store else {}
+        return self.embed_views(texts, (view,))[view]
+
+    def embed_views(self, texts: list[str], views: tuple[str, ...] = VIEWS) -> dict[str, np.ndarray]:
+        """view -> (len(texts), view_dim) float32 embeddings, read from the store in one query."""
+        unknown = [v for v in views if v not in self.VIEWS]
+        if unknown:
+            raise ValueError(f"views {unknown} are not among {self.VIEWS}")
+        keys = {view: [self._key(view, t) for t in texts] for view in views}
+        wanted = list({k for view_keys in keys.values() for k in view_keys})
+        cached = self.store.get_embeddings(wanted) if self.store else {}
         # embed in length order: batches of similar length waste little on padding (5x faster on HH data)
-        missing = sorted({t for t, k in zip(texts, keys) if k not in cached}, key=len)
+        missing = sorted({t for view in views for t, k in zip(texts, keys[view]) if k not in cached}, key=len)
         if missing:
             fresh = self._embed_uncached(missing)
             new = {self._key(v, t): fresh[v][i].astype(np.float32).tobytes() for v in self.VIEWS
-                   for i, t in enumerate(missing)}  # every view: the other one is free now
+                   for i, t in enumerate(missing)}  # every view: the others are free now
             if self.store:
                 self.store.put_embeddings(new)
             cached = {**cached, **new}
-        if not texts:
-            return np.zeros((0, self.view_dim(view)), np.float32)
-        return np.stack([np.frombuffer(cached[k], dtype=np.float32) for k in keys])
+        return {view: np.stack([np.frombuffer(cached[k], dtype=np.float32) for k in keys[view]]) if texts
+                else np.zeros((0, self.view_dim(view)), np.float32) for view in views}
 
 
 def num_features(dim: int) -> int:
@@ -134,7 +139,7 @@ def num_features(dim: int) -> int:
     return 2 * dim + 2
 
 
-def pair_features(question_emb: np.ndarray, response_emb: np.ndarray, responses: list[str]) -> torch.Tensor:
+def pair_features(question_emb: np.ndarray, response_emb: np.ndarray, responses: list[str]) -> np.ndarray:
     """(N, 2D+2) features: the response, its interaction with the question, their cosine, its log length.
 
     Measured on HH-harmless (bench/reward_learning.py): the question-response terms add about 2 points
@@ -142,7 +147,7 @@ def pair_features(question_emb: np.ndarray, response_emb: np.ndarray, responses:
     """
     cosine = (question_emb * response_emb).sum(1, keepdims=True)  # (N, 1), embeddings are unit-norm
     log_len = np.log1p([len(r) for r in responses]).astype(np.float32)[:, None]  # (N, 1)
-    return torch.from_numpy(np.concatenate([response_emb, question_emb * response_emb, cosine, log_len], axis=1))
+    return np.concatenate([response_emb, question_emb * response_emb, cosine, log_len], axis=1)
 
 
 # --- fitting a Bradley-Terry head: one solver for the dense (embedding) and the sparse (n-gram) features ---
@@ -170,8 +175,6 @@ def fit_bradley_terry(diffs, margin: np.ndarray, l2: float, init: np.ndarray | N
 
 
 def _as_float64(x):
-    if isinstance(x, torch.Tensor):
-        x = x.numpy()
     return x.astype(np.float64) if x.dtype != np.float64 else x
 
 
@@ -307,6 +310,12 @@ def ngram_diffs(vectorizer: TfidfVectorizer, chosen: list[str], rejected: list[s
     return (vectorizer.transform(chosen) - vectorizer.transform(rejected)).tocsr()
 
 
+def score_margins(model, prompts: list[str], chosen: list[str], rejected: list[str]) -> np.ndarray:
+    """(N,) score(chosen) - score(rejected) of either tier: positive where the model agrees with the pair."""
+    return (np.asarray(model.score(prompts, chosen), dtype=np.float64)
+            - np.asarray(model.score(prompts, rejected), dtype=np.float64))
+
+
 @dataclass
 class FitResult:
     model: RewardModel
@@ -321,12 +330,13 @@ def refit(model: RewardModel, prompts: list[str], chosen: list[str], rejected: l
     """Every head fitted from scratch on every given pair, each with its L2 tuned on a split of these
     prompts, and the scale of their sum calibrated on that split."""
     margin = np.asarray(margin, dtype=np.float64)
-    embedding, checked_embedding = LinearHead.fit(model.pair_diffs(prompts, chosen, rejected), margin, prompts)
-    middle, checked_middle = LinearHead.fit(model.middle_diffs(chosen, rejected), margin, prompts)
+    embedding_diffs, middle_diffs = model.pair_diffs(prompts, chosen, rejected)
+    embedding, checked_embedding = LinearHead.fit(embedding_diffs, margin, prompts)
+    middle, checked_middle = LinearHead.fit(middle_diffs, margin, prompts)
     ngrams, checked_ngrams = NgramHead.fit(prompts, chosen, rejected, margin)
     checked = [checked_embedding, checked_middle] + ([checked_ngrams] if ngrams is not None else [])
-    return model.replace(weights=torch.from_numpy(embedding.weights).float(), l2_per_pair=embedding.l2_per_pair,
-                         middle=middle, ngrams=ngrams, scale=calibrated_scale(checked, margin, prompts))
+    return model.replace(embedding=embedding, middle=middle, ngrams=ngrams,
+                         scale=calibrated_scale(checked, margin, prompts))
 
 
 def refit_incrementally(model: RewardModel, prompts: list[str], chosen: list[str], rejected: list[str],
@@ -338,61 +348,62 @@ def refit_incrementally(model: RewardModel, prompts: list[str], chosen: list[str
     a head a saved model lacks (saved before it existed).
     """
     margin = np.asarray(margin, dtype=np.float64)
-    embedding = LinearHead(model.weights.double().numpy(), model.l2_per_pair).updated(
-        model.pair_diffs(prompts, chosen, rejected), margin, total_pairs, iters)
-    middle = (model.middle.updated(model.middle_diffs(chosen, rejected), margin, total_pairs, iters)
-              if model.middle else None)
+    embedding_diffs, middle_diffs = model.pair_diffs(prompts, chosen, rejected)
+    embedding = model.embedding.updated(embedding_diffs, margin, total_pairs, iters)
+    middle = model.middle.updated(middle_diffs, margin, total_pairs, iters) if model.middle else None
     ngrams = model.ngrams.updated(chosen, rejected, margin, total_pairs, iters) if model.ngrams else None
-    return model.replace(weights=torch.from_numpy(embedding.weights).float(), middle=middle, ngrams=ngrams)
+    return model.replace(embedding=embedding, middle=middle, ngrams=ngrams)
 
 
 class RewardModel:
     """The default tier: three Bradley-Terry heads, one per view of the text, their logits summed.
 
-    - the embedding head (`weights`): linear in `pair_features`, the encoder's final-layer view of the
-      question and the response;
+    - the embedding head (`embedding`): linear in `pair_features`, the encoder's final-layer view of
+      the question and the response;
     - the middle head (`middle`): linear in the encoder's middle-layer view of the response;
     - the n-gram head (`ngrams`): linear in TF-IDF character n-grams of the response.
     Each head is fitted with its own tuned L2; the sum, times a `scale` calibrated on held-out pairs,
-    beats each alone and every baseline (bench/reward_learning.py). `middle` and `ngrams` are None
-    until the first fit.
+    beats each alone and every baseline (bench/reward_learning.py). The embedding head starts at
+    zero; `middle` and `ngrams` are None until the first fit.
     """
 
     tier = "head"
 
-    def __init__(self, encoder: TextEncoder, weights: torch.Tensor | None = None, version: int | None = None,
-                 l2_per_pair: float = DEFAULT_L2_PER_PAIR, middle: LinearHead | None = None,
-                 ngrams: NgramHead | None = None, scale: float = 1.0):
+    def __init__(self, encoder: TextEncoder, embedding: LinearHead | None = None, version: int | None = None,
+                 middle: LinearHead | None = None, ngrams: NgramHead | None = None, scale: float = 1.0):
         expected = num_features(encoder.dim)
-        if weights is not None and weights.shape != (expected,):
-            raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit encoder {encoder.name!r}: "
-                             f"expected ({expected},) = num_features({encoder.dim}); refit the head")
+        if embedding is not None and embedding.weights.shape != (expected,):
+            raise ValueError(f"embedding head weights of shape {embedding.weights.shape} do not fit encoder "
+                             f"{encoder.name!r}: expected ({expected},) = num_features({encoder.dim}); refit the head")
         self.encoder = encoder
-        self.weights = weights if weights is not None else torch.zeros(expected)
+        self.embedding = embedding or LinearHead(np.zeros(expected), DEFAULT_L2_PER_PAIR)
         self.version = version
-        self.l2_per_pair = l2_per_pair
         self.middle = middle
         self.ngrams = ngrams
         self.scale = scale
 
-    def features(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        questions = self.encoder.embed([last_human_turn(p) for p in prompts])
-        return pair_features(questions, self.encoder.embed(responses), responses)
+    def views(self, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(N, F) `pair_features` and (N, 2D) middle-layer embeddings of the responses: what the two
+        embedding heads are linear in, read from the store in one query."""
+        questions = [last_human_turn(p) for p in prompts]
+        embedded = self.encoder.embed_views(questions + list(responses))
+        final, n = embedded["final"], len(questions)
+        return pair_features(final[:n], final[n:], responses), embedded["middle"][n:]
 
-    def pair_diffs(self, prompts: list[str], chosen: list[str], rejected: list[str]) -> torch.Tensor:
-        """(N, F) f(prompt, chosen) - f(prompt, rejected): what the embedding head's margin is linear in."""
-        return self.features(prompts, chosen) - self.features(prompts, rejected)
-
-    def middle_diffs(self, chosen: list[str], rejected: list[str]) -> np.ndarray:
-        """(N, 2D) the middle-layer view of chosen minus that of rejected: what the middle head is linear in."""
-        return self.encoder.embed(chosen, "middle") - self.encoder.embed(rejected, "middle")
+    def pair_diffs(self, prompts: list[str], chosen: list[str],
+                   rejected: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The views of chosen minus those of rejected: what each embedding head's margin is linear in."""
+        (features_chosen, middle_chosen), (features_rejected, middle_rejected) = (
+            self.views(prompts, chosen), self.views(prompts, rejected))
+        return features_chosen - features_rejected, middle_chosen - middle_rejected
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         if not responses:
             return []
-        scores = (self.features(prompts, responses) @ self.weights).double().numpy()
+        features, middle = self.views(prompts, responses)
+        scores = features @ self.embedding.weights
         if self.middle is not None:
-            scores = scores + self.encoder.embed(responses, "middle") @ self.middle.weights
+            scores = scores + middle @ self.middle.weights
         if self.ngrams is not None:
             scores = scores + self.ngrams.score(responses)
         return (self.scale * scores).tolist()
@@ -405,32 +416,26 @@ class RewardModel:
         pick = lambda xs, mask: [x for x, m in zip(xs, mask) if m]  # noqa: E731
         fitted = refit(self, pick(prompts, train), pick(chosen, train), pick(rejected, train),
                        np.asarray(margins, dtype=np.float64)[train])
-
-        def accuracy(mask: np.ndarray) -> float:
-            ps = pick(prompts, mask)
-            margins_ = np.subtract(fitted.score(ps, pick(chosen, mask)), fitted.score(ps, pick(rejected, mask)))
-            return float((margins_ > 0).mean())
-
+        accuracy = lambda mask: float((score_margins(fitted, pick(prompts, mask), pick(chosen, mask),  # noqa: E731
+                                                     pick(rejected, mask)) > 0).mean())
         return FitResult(model=fitted, train_accuracy=accuracy(train),
                          held_out_accuracy=accuracy(held) if held.any() else None,
                          train_pairs=int(train.sum()), held_out_pairs=int(held.sum()))
 
     def replace(self, **changes) -> RewardModel:
         """A new model on the same encoder with some fields changed: fitting never mutates the served model."""
-        fields = {"weights": self.weights, "version": None, "l2_per_pair": self.l2_per_pair, "middle": self.middle,
-                  "ngrams": self.ngrams, "scale": self.scale}
+        fields = {"embedding": self.embedding, "version": None, "middle": self.middle, "ngrams": self.ngrams,
+                  "scale": self.scale}
         return RewardModel(self.encoder, **{**fields, **changes})
 
     def save(self, directory: Path) -> None:
         """Write every head atomically: a crash mid-write never leaves a broken version directory."""
-        meta = {"tier": self.tier, "encoder": self.encoder.name, "dim": self.encoder.dim,
-                "l2_per_pair": self.l2_per_pair, "scale": self.scale}
+        meta = {"tier": self.tier, "encoder": self.encoder.name, "dim": self.encoder.dim, "scale": self.scale}
+        heads = {"embedding": self.embedding, "middle": self.middle, "ngrams": self.ngrams}
         with atomic_directory(directory) as staging:
-            torch.save(self.weights, staging / "head.pt")
-            if self.middle is not None:
-                (staging / "middle.json").write_text(json.dumps(self.middle.to_json()))
-            if self.ngrams is not None:
-                (staging / "ngrams.json").write_text(json.dumps(self.ngrams.to_json()))
+            for name, head in heads.items():
+                if head is not None:
+                    (staging / f"{name}.json").write_text(json.dumps(head.to_json()))
             (staging / "meta.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -441,12 +446,17 @@ class RewardModel:
                 f"reward model {directory} was fitted on encoder {meta['encoder']!r}, but REWARD_MODEL={encoder.name!r}: "
                 "set REWARD_MODEL back, or refit"
             )
-        # absent in versions saved before these heads existed
-        middle, ngrams = directory / "middle.json", directory / "ngrams.json"
-        return cls(encoder, torch.load(directory / "head.pt"), version=version,
-                   l2_per_pair=meta.get("l2_per_pair", DEFAULT_L2_PER_PAIR),
-                   middle=LinearHead.from_json(json.loads(middle.read_text())) if middle.exists() else None,
-                   ngrams=NgramHead.from_json(json.loads(ngrams.read_text())) if ngrams.exists() else None,
+        read = lambda name: json.loads((directory / f"{name}.json").read_text())  # noqa: E731
+        has = lambda name: (directory / f"{name}.json").exists()  # noqa: E731
+        if has("embedding"):
+            embedding = LinearHead.from_json(read("embedding"))
+        else:  # saved before the embedding head was a LinearHead: torch weights, the L2 in meta.json
+            embedding = LinearHead(torch.load(directory / "head.pt").double().numpy(),
+                                   float(meta.get("l2_per_pair", DEFAULT_L2_PER_PAIR)))
+        # middle and ngrams are absent in versions saved before those heads existed
+        return cls(encoder, embedding, version=version,
+                   middle=LinearHead.from_json(read("middle")) if has("middle") else None,
+                   ngrams=NgramHead.from_json(read("ngrams")) if has("ngrams") else None,
                    scale=float(meta.get("scale", 1.0)))
 
 

@@ -88,7 +88,7 @@ def eval_(model: Path = typer.Option(..., "--model", help="A reward-model direct
           cache: Path = typer.Option(None, help="SQLite file caching embeddings across runs; default: the backend's store")) -> None:
     """Pairwise accuracy (with its 95% interval) and calibration of a reward model on every pair of the file."""
     from backend.reward import load_reward_model
-    from backend.reward_training import evaluate_margins, score_margins
+    from backend.reward_training import evaluate_margins, pair_margins
 
     if not (model / "meta.json").exists():
         raise _fail(f"--model {model} is not a reward-model directory (no meta.json): pass the directory `fit` wrote")
@@ -98,7 +98,7 @@ def eval_(model: Path = typer.Option(..., "--model", help="A reward-model direct
         reward = load_reward_model(model, _encoder(settings, cache))
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    result = evaluate_margins(score_margins(reward, rows))
+    result = evaluate_margins(pair_margins(reward, rows))
     typer.echo(f"pairs: {result.pairs}")
     typer.echo(f"accuracy 95% interval: {result.accuracy_low:.3f}-{result.accuracy_high:.3f}")
     typer.echo(f"log loss: {result.log_loss:.4f}")

@@ -32,6 +32,7 @@ from backend.reward import (
     is_held_out,
     refit,
     refit_incrementally,
+    score_margins,
 )
 from backend.store import Store
 
@@ -122,12 +123,9 @@ def evaluate_margins(margins: np.ndarray) -> Evaluation:
     return Evaluation(n, correct / n, low, high, log_loss, expected_calibration_error(margins))
 
 
-def score_margins(model, pairs: Sequence[Pair]) -> np.ndarray:
-    """(N,) r(chosen) - r(rejected) of either tier."""
-    prompts = [p.prompt for p in pairs]
-    chosen = model.score(prompts, [p.chosen for p in pairs])
-    rejected = model.score(prompts, [p.rejected for p in pairs])
-    return np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64)
+def pair_margins(model, pairs: Sequence[Pair]) -> np.ndarray:
+    """(N,) r(chosen) - r(rejected) of either tier on stored pairs."""
+    return score_margins(model, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
 
 
 def should_publish(candidate: np.ndarray, serving: np.ndarray, z: float = 1.96) -> tuple[bool, str]:
@@ -145,11 +143,12 @@ def should_publish(candidate: np.ndarray, serving: np.ndarray, z: float = 1.96) 
 
 # --- the default tier: two Bradley-Terry heads, on cached embeddings and on character n-grams ---
 def update_head(serving: RewardModel, train: Sequence[Pair], last_pair_id: int, trained_pairs: int,
-                updates_since_full: int, policy: UpdatePolicy, rng: random.Random) -> tuple[RewardModel, bool]:
+                updates_since_full: int, policy: UpdatePolicy, rng: random.Random,
+                force_full: bool = False) -> tuple[RewardModel, bool]:
     """(new model, whether it was a full refit) from the training pairs and the serving model's bookkeeping."""
     new = [p for p in train if p.id > last_pair_id]
     old = [p for p in train if p.id <= last_pair_id]
-    full = (serving.version is None or updates_since_full + 1 >= policy.full_refit_every
+    full = (force_full or serving.version is None or updates_since_full + 1 >= policy.full_refit_every
             or len(old) < trained_pairs)  # fewer old pairs than it learnt from: some were deleted
     batch = list(train) if full else new + rng.sample(old, min(policy.replay_pairs, len(old)))
     texts = ([p.prompt for p in batch], [p.chosen for p in batch], [p.rejected for p in batch])
@@ -208,11 +207,12 @@ class RewardUpdate:
 
 
 def fit_reward_version(store: Store, serving, reward_dir: Callable[[int], Path], policy: UpdatePolicy,
-                       finetune_base: str | None = None, seed: int = 0) -> RewardUpdate:
+                       finetune_base: str | None = None, seed: int = 0, full_refit: bool = False) -> RewardUpdate:
     """Train a candidate on the store's pairs, evaluate it beside `serving`, publish it if the gate agrees.
 
     `serving` is the newest published model of either tier (or the untrained head, version None);
-    `finetune_base` set means the fine-tuned tier, trained from that checkpoint.
+    `finetune_base` set means the fine-tuned tier, trained from that checkpoint; `full_refit` refits
+    the heads from scratch even where an incremental update is due.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -238,19 +238,19 @@ def fit_reward_version(store: Store, serving, reward_dir: Callable[[int], Path],
                              "given: pass finetune_base, or roll back to a head version first")
         candidate, full = update_head(serving, train, int(book.get("last_pair_id", 0)),
                                       int(book.get("train_pairs", 0)), int(book.get("updates_since_full_refit", 0)),
-                                      policy, random.Random(seed + len(pairs)))
+                                      policy, random.Random(seed + len(pairs)), force_full=full_refit)
     timings["train_seconds"] = time.perf_counter() - started
 
     # evaluate candidate and serving model on the same held-out pairs
     mark = time.perf_counter()
-    candidate_margins = score_margins(candidate, held)
+    candidate_margins = pair_margins(candidate, held)
     evaluation = evaluate_margins(candidate_margins)
     if serving.version is None:
         publish, reason = True, "first trained version"
     elif not held:
         publish, reason = True, "no held-out pairs yet: published unchecked"
     else:
-        publish, reason = should_publish(candidate_margins, score_margins(serving, held))
+        publish, reason = should_publish(candidate_margins, pair_margins(serving, held))
     timings["eval_seconds"] = time.perf_counter() - mark
 
     metrics = {
@@ -259,7 +259,7 @@ def fit_reward_version(store: Store, serving, reward_dir: Callable[[int], Path],
         "held_out_accuracy_high": evaluation.accuracy_high, "held_out_log_loss": evaluation.log_loss,
         "held_out_ece": evaluation.ece, "last_pair_id": max(p.id for p in pairs),
         "updates_since_full_refit": 0 if full else int(book.get("updates_since_full_refit", 0)) + 1,
-        "l2_per_pair": getattr(candidate, "l2_per_pair", None), **timings,
+        "l2_per_pair": candidate.embedding.l2_per_pair if candidate.tier == "head" else None, **timings,
     }
     if not publish:
         store.log_event("reward_refused", f"reward candidate not published: {reason}", **metrics)

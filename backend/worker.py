@@ -129,6 +129,19 @@ class Worker:
                            finetune_base=self.finetune_base, seed=self.settings.seed)
         self.queue_policy_update_if_due(job.project_id)
 
+    def refit_reward_fully(self) -> None:
+        """Refit the reward heads from scratch if they were updated incrementally since their last full refit.
+
+        Incremental updates follow annotators within a second but fit less well than a refit on every
+        pair (HH: 0.626 vs 0.640; a Label Studio run's 108 held-out pairs: 0.69 vs 0.80), and PPO
+        optimises whatever the reward model gets wrong, so it waits the few seconds for a full refit.
+        """
+        latest = self.store.latest_version("reward")
+        if latest is None or not latest.metrics.get("updates_since_full_refit"):
+            return  # nothing fitted yet, a full refit, or the fine-tuned tier (always fitted from scratch)
+        fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
+                           finetune_base=self.finetune_base, seed=self.settings.seed, full_refit=True)
+
     def queue_policy_update_if_due(self, project_id: int | None) -> None:
         """Queue PPO once enough new human signal has arrived and the reward model is worth training on."""
         latest = self.store.latest_version("policy")
@@ -154,6 +167,7 @@ class Worker:
         train_prompts, held_out = split_held_out(list(shown))
         if not train_prompts:
             raise ValueError("no training prompts: import prompts into the project before training")
+        self.refit_reward_fully()
         reward = self.registry.reward_model()
         model, tokenizer = load_causal_lm(serving.path)  # a private copy: training must not touch the serving model
         self.store.log_event("ppo", f"{settings.rl_algorithm} started from policy v{serving.version} with reward "

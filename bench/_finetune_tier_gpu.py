@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from reward_learning import split  # noqa: E402
 
 from backend.models import DEFAULT_ENCODER, resolve_encoder  # noqa: E402
-from backend.reward_training import UpdatePolicy, finetune_reward_model, read_pairs, score_margins  # noqa: E402
+from backend.reward_training import UpdatePolicy, finetune_reward_model, read_pairs, pair_margins  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
                                               UpdatePolicy(finetune_epochs=epochs, finetune_lora_rank=rank),
                                               Path(scratch))
             seconds.append(time.perf_counter() - started)
-            correct[fold == k] = score_margins(model, held) > 0
+            correct[fold == k] = pair_margins(model, held) > 0
         print(f"RESULT lora_rank={rank} epochs={epochs}: accuracy {correct.mean():.3f} over {len(pairs)} held-out "
               f"pairs, median fit {np.median(seconds):.1f}s", flush=True)
 

@@ -126,16 +126,38 @@ PREFERENCES: dict[str, Callable[[str], float]] = {
     "more_sentences": more_sentences, "fewer_first_person": fewer_first_person}
 
 
-def annotate(prompts: list[str], candidates: list[list[str]], preference: Callable[[str], float]):
-    """The scripted annotator: rank each prompt's candidates by `preference`, equal scores in one bucket.
+ANNOTATIONS = ("tiers", "ranker", "buckets")
 
-    Returns (prompts, chosen, rejected) of every pair the rankings imply (backend/preferences.py rules).
+
+def verdict(bodies: list[str], preference: Callable[[str], float], annotation: str = "tiers") -> list[list[int]]:
+    """The scripted annotator's verdict on one prompt's candidates: their indices, best tier first.
+
+    - "tiers": one tier per distinct score, equal answers tied (a perfect annotator);
+    - "ranker": Label Studio's plain ranker, which has no ties: one answer a tier, equally good
+      answers in the order shown, as a hurried human's would be;
+    - "buckets": the bucket ranker's Good / Acceptable / Bad: the best score, the scores between,
+      the worst score (a tier may be empty).
     """
+    scores = [preference(b) for b in bodies]
+    if annotation == "ranker":
+        return [[i] for i in sorted(range(len(bodies)), key=lambda i: -scores[i])]  # sorted() is stable
+    if annotation == "buckets":
+        best, worst = max(scores), min(scores)
+        return [[i for i, s in enumerate(scores) if s == best],
+                [i for i, s in enumerate(scores) if worst < s < best],
+                [i for i, s in enumerate(scores) if s == worst and s != best]]
+    if annotation == "tiers":
+        return [[i for i, s in enumerate(scores) if s == level] for level in sorted(set(scores), reverse=True)]
+    raise ValueError(f"annotation {annotation!r} is not one of {ANNOTATIONS}")
+
+
+def annotate(prompts: list[str], candidates: list[list[str]], preference: Callable[[str], float],
+             annotation: str = "tiers"):
+    """The scripted annotator's `verdict` on every prompt, as the (prompts, chosen, rejected) of every
+    pair it implies (backend/preferences.py rules)."""
     out_prompts, chosen, rejected = [], [], []
     for prompt, bodies in zip(prompts, candidates):
-        scores = sorted({preference(b) for b in bodies}, reverse=True)
-        tiers = [[i for i, b in enumerate(bodies) if preference(b) == s] for s in scores]
-        for better, worse in pairs_from_tiers(tiers):
+        for better, worse in pairs_from_tiers(verdict(bodies, preference, annotation)):
             out_prompts.append(prompt)
             chosen.append(bodies[better])
             rejected.append(bodies[worse])
@@ -148,6 +170,7 @@ def annotate(prompts: list[str], candidates: list[list[str]], preference: Callab
 @dataclass
 class Knobs:
     candidates: int = 8  # candidates per training prompt that the annotator ranks
+    annotation: str = "tiers"  # how the annotator expresses its verdict (`verdict`)
     candidate_tokens: int = 32  # MAX_NEW_TOKENS of those candidates
     eval_samples: int = 2  # answers per held-out prompt and policy
     held_out: int = 24  # held-out prompts
@@ -203,7 +226,7 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
                    knobs: Knobs, max_kl: float) -> Result:
     started = time.perf_counter()
     # annotate: the scripted annotator ranks the base policy's candidates
-    prompts, chosen, rejected = annotate(train_prompts, candidates, preference)
+    prompts, chosen, rejected = annotate(train_prompts, candidates, preference, knobs.annotation)
     # reward model: the default (MiniLM and character n-gram heads) fitted on every pair
     reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
     rm_accuracy = held_out_accuracy(reward, eval_prompts, base_answers, preference)
@@ -296,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-kl", type=float, default=12.0, help="PPO_MAX_KL of the guard rail, nats per answer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ppo-epochs", type=int, default=Knobs().ppo.ppo_epochs)
+    parser.add_argument("--annotation", choices=ANNOTATIONS, default=Knobs().annotation,
+                        help="tiers: equal answers tie; ranker: Label Studio's ranker (no ties); buckets: 3 buckets")
     parser.add_argument("--samples", type=Path, help="cache of the base policy's candidates and held-out answers")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -307,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                        "lora_rank": args.lora_rank, "batch_size": args.batch_size, "stop_kl": args.stop_kl,
                        "ppo_epochs": args.ppo_epochs,
                        "mini_batch_size": min(base_knobs.ppo.mini_batch_size, args.batch_size)})
-    knobs = Knobs(ppo=ppo)
+    knobs = Knobs(ppo=ppo, annotation=args.annotation)
     started = time.perf_counter()
 
     base, tokenizer = load_causal_lm(resolve_policy(DEFAULT_POLICY, ROOT / ".cache"))

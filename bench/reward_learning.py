@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backend.models import DEFAULT_ENCODER, load_encoder, resolve_encoder  # noqa: E402
-from backend.reward import RewardModel, TextEncoder, refit  # noqa: E402
-from backend.reward_training import UpdatePolicy, read_pairs, score_margins, update_head  # noqa: E402
+from backend.reward import LinearHead, RewardModel, TextEncoder, refit  # noqa: E402
+from backend.reward_training import UpdatePolicy, read_pairs, pair_margins, update_head  # noqa: E402
 from backend.store import Store  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
@@ -122,9 +122,9 @@ def learning_curve(untrained: RewardModel, pairs, tr: np.ndarray, te: np.ndarray
             scratch = fit_on(untrained, seen)
             times["scratch"].append(time.perf_counter() - mark)
             key = "all" if last else end
-            curve["refit"].setdefault(key, []).append(score_margins(scratch, held) > 0)
-            curve["incremental"].setdefault(key, []).append(score_margins(serving, held) > 0)
-    return score_margins(serving, held)
+            curve["refit"].setdefault(key, []).append(pair_margins(scratch, held) > 0)
+            curve["incremental"].setdefault(key, []).append(pair_margins(serving, held) > 0)
+    return pair_margins(serving, held)
 
 
 def time_cold_fit(threads: int) -> tuple[float, float]:
@@ -172,9 +172,9 @@ def main() -> None:
             mark = time.perf_counter()
             fitted = fit_on(untrained, [pairs[i] for i in tr])
             times["fold_refit"].append(time.perf_counter() - mark)
-            margins["rm"] = score_margins(fitted, held)
-            margins["head_emb"] = score_margins(fitted.replace(middle=None, ngrams=None), held)
-            margins["head_middle"] = score_margins(fitted.replace(weights=torch.zeros_like(fitted.weights), ngrams=None), held)
+            margins["rm"] = pair_margins(fitted, held)
+            margins["head_emb"] = pair_margins(fitted.replace(middle=None, ngrams=None), held)
+            margins["head_middle"] = pair_margins(fitted.replace(embedding=LinearHead(np.zeros_like(fitted.embedding.weights), 0.0), ngrams=None), held)
             margins["head_ngram"] = margins["rm"] - margins["head_emb"] - margins["head_middle"]
             for key, m in margins.items():
                 correct[key][repeat, te] = m > 0

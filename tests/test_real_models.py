@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from backend.generation import generate_candidates
@@ -19,7 +20,7 @@ from backend.models import (
     resolve_policy,
 )
 from backend.ppo import PPOConfig, train_ppo
-from backend.reward import RewardModel, TextEncoder, num_features
+from backend.reward import LinearHead, RewardModel, TextEncoder, num_features
 from backend.store import Store
 
 pytestmark = pytest.mark.real_models
@@ -71,7 +72,7 @@ def test_minilm_reward_model_beats_chance_on_held_out_human_pairs(minilm, tmp_pa
 def test_one_ppo_run_on_smollm2_with_lora_changes_the_policy(smollm2, minilm):
     model, tokenizer = load_causal_lm(smollm2)
     before = {k: v.clone() for k, v in model.state_dict().items() if "q_proj" in k}
-    reward = RewardModel(minilm, torch.randn(num_features(minilm.dim)) * 0.1)
+    reward = RewardModel(minilm, LinearHead(np.random.default_rng(0).normal(size=num_features(minilm.dim)) * 0.1, 0.5))
     config = PPOConfig(steps=1, batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=12, lora_rank=8)
     trained, stats = train_ppo(model, tokenizer, ["Name a fruit.", "Say hello."], reward.score, config)
     after = trained.state_dict()

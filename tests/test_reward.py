@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -6,6 +7,7 @@ import torch
 from scipy import sparse
 
 from backend.reward import (
+    LinearHead,
     NgramHead,
     RewardModel,
     TextEncoder,
@@ -19,6 +21,10 @@ from backend.reward import (
     num_features,
     ranking_confidence,
 )
+
+
+def random_head(encoder) -> LinearHead:
+    return LinearHead(np.random.default_rng(0).normal(size=num_features(encoder.dim)), 0.5)
 
 
 def test_bradley_terry_loss_matches_hand_computed_value():
@@ -78,13 +84,24 @@ def test_held_out_split_is_by_prompt_and_about_a_fifth():
 
 
 def test_saved_head_loads_back_and_refuses_another_encoder(encoder, tmp_path):
-    model = RewardModel(encoder, torch.randn(num_features(encoder.dim)))
+    model = RewardModel(encoder, random_head(encoder))
     model.save(tmp_path / "v0001")
     loaded = RewardModel.load(tmp_path / "v0001", encoder)
-    assert torch.equal(loaded.weights, model.weights)
+    assert np.array_equal(loaded.embedding.weights, model.embedding.weights)
     other = TextEncoder(encoder.model, encoder.tokenizer, name="other-encoder", store=None)
     with pytest.raises(ValueError, match="REWARD_MODEL"):
         RewardModel.load(tmp_path / "v0001", other)
+
+
+def test_a_version_saved_with_torch_weights_before_the_heads_were_json_still_loads(encoder, tmp_path):
+    weights = torch.randn(num_features(encoder.dim))
+    (tmp_path / "v1").mkdir()
+    torch.save(weights, tmp_path / "v1" / "head.pt")
+    (tmp_path / "v1" / "meta.json").write_text(json.dumps({"tier": "head", "encoder": encoder.name,
+                                                           "dim": encoder.dim, "l2_per_pair": 1.5}))
+    loaded = RewardModel.load(tmp_path / "v1", encoder)
+    assert np.allclose(loaded.embedding.weights, weights.double().numpy()) and loaded.embedding.l2_per_pair == 1.5
+    assert loaded.middle is None and loaded.ngrams is None and loaded.scale == 1.0
 
 
 def test_last_human_turn_takes_the_final_request_of_a_dialogue():
@@ -94,7 +111,7 @@ def test_last_human_turn_takes_the_final_request_of_a_dialogue():
 
 
 def test_score_depends_on_the_last_human_turn_not_the_earlier_dialogue(encoder):
-    model = RewardModel(encoder, torch.randn(num_features(encoder.dim)))
+    model = RewardModel(encoder, random_head(encoder))
     a = model.score(["Human: bake bread\n\nAssistant: ok\n\nHuman: a joke?\n\nAssistant:"], ["why did the chicken"])
     b = model.score(["Human: France\n\nAssistant: Paris\n\nHuman: a joke?\n\nAssistant:"], ["why did the chicken"])
     c = model.score(["a joke?"], ["why did the chicken"])
@@ -103,7 +120,7 @@ def test_score_depends_on_the_last_human_turn_not_the_earlier_dialogue(encoder):
 
 def test_weights_of_the_wrong_length_are_refused_with_the_fix(encoder):
     with pytest.raises(ValueError, match="refit the head"):
-        RewardModel(encoder, torch.zeros(2 * encoder.dim + 1))
+        RewardModel(encoder, LinearHead(np.zeros(2 * encoder.dim + 1), 0.5))
 
 
 def test_fit_tunes_l2_on_the_training_prompts_and_every_head_loads_back_scoring_the_same(encoder, tmp_path):
@@ -112,7 +129,7 @@ def test_fit_tunes_l2_on_the_training_prompts_and_every_head_loads_back_scoring_
                                      ["I am sorry, I cannot help." for _ in range(80)], [0.0] * 80).model
     model.save(tmp_path / "v1")
     loaded = load_reward_model(tmp_path / "v1", encoder)
-    assert loaded.l2_per_pair == model.l2_per_pair
+    assert loaded.embedding.l2_per_pair == model.embedding.l2_per_pair
     assert loaded.middle.l2_per_pair == model.middle.l2_per_pair
     assert loaded.ngrams.head.l2_per_pair == model.ngrams.head.l2_per_pair
     texts = ["the answer is 7", "I am sorry", "never seen before"]
@@ -157,12 +174,13 @@ def test_one_forward_pass_caches_both_views_of_a_text(encoder, store):
 
 def test_a_failed_save_leaves_the_previous_version_intact(encoder, tmp_path, monkeypatch):
     root = tmp_path / "reward"
-    RewardModel(encoder, torch.ones(num_features(encoder.dim))).save(root / "v1")
-    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    ones = np.ones(num_features(encoder.dim))
+    RewardModel(encoder, LinearHead(ones, 0.5)).save(root / "v1")
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        RewardModel(encoder, torch.zeros(num_features(encoder.dim))).save(root / "v1")
+        RewardModel(encoder, LinearHead(np.zeros_like(ones), 0.5)).save(root / "v1")
     monkeypatch.undo()
-    assert torch.equal(RewardModel.load(root / "v1", encoder).weights, torch.ones(num_features(encoder.dim)))
+    assert np.array_equal(RewardModel.load(root / "v1", encoder).embedding.weights, ones)
     assert [p.name for p in root.iterdir()] == ["v1"]  # no staging directory left behind
 
 
@@ -178,3 +196,14 @@ def test_calibration_halves_the_sum_of_two_heads_that_carry_the_same_evidence():
     assert 0.7 < one < 1.3  # one calibrated head needs (about) no correction
     assert two == pytest.approx(one / 2, rel=1e-3)
     assert calibrated_scale([None], np.zeros(3), prompts[:3]) == 1.0  # too few pairs to calibrate on
+
+
+def test_scoring_reads_every_view_of_questions_and_answers_in_one_store_query(encoder, store, monkeypatch):
+    model = RewardModel(TextEncoder(encoder.model, encoder.tokenizer, name="one-query", store=store),
+                        random_head(encoder), middle=LinearHead(np.ones(2 * encoder.dim), 0.5))
+    first = model.score(["q one?", "q two?"], ["an answer", "another answer"])  # embeds and caches
+    queries = []
+    real = store.get_embeddings
+    monkeypatch.setattr(store, "get_embeddings", lambda keys: queries.append(keys) or real(keys))
+    assert model.score(["q one?", "q two?"], ["an answer", "another answer"]) == pytest.approx(first)
+    assert len(queries) == 1 and len(queries[0]) == 8  # 2 questions + 2 answers, each in 2 views

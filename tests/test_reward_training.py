@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from backend.ledger import AnnotationSaved
 from backend.preferences import PreferencePair
-from backend.reward import FineTunedRewardModel, RewardModel, is_held_out, load_reward_model, num_features
+from backend.reward import FineTunedRewardModel, LinearHead, RewardModel, is_held_out, load_reward_model, num_features
 from backend.reward_cli import reward_app
 from backend.reward_training import (
     PairRecord,
@@ -62,12 +62,12 @@ def test_publish_gate_refuses_a_candidate_worse_beyond_noise_and_accepts_a_tie()
 
 
 def test_incremental_update_moves_the_serving_head_on_new_pairs_plus_replay(encoder):
-    serving = RewardModel(encoder, torch.zeros(num_features(encoder.dim)), version=1)
+    serving = RewardModel(encoder, version=1)  # the embedding head starts at zero
     train = records(0, 30) + records(30, 10)
     new, full = update_head(serving, train, last_pair_id=29, trained_pairs=30, updates_since_full=0,
                             policy=UpdatePolicy(replay_pairs=5), rng=random.Random(0))
     assert full is False
-    assert not torch.equal(new.weights, serving.weights) and torch.equal(serving.weights, torch.zeros_like(new.weights))
+    assert new.embedding.weights.any() and not serving.embedding.weights.any()  # the serving model is untouched
 
 
 def test_update_refits_fully_every_n_updates_and_after_deletions(encoder):
@@ -104,7 +104,8 @@ def test_a_candidate_worse_than_the_serving_model_on_held_out_pairs_is_not_publi
 
 def test_rollback_serves_the_old_version_again(store, encoder, tmp_path):
     for version in (1, 2, 3):
-        RewardModel(encoder, torch.full((num_features(encoder.dim),), float(version))).save(tmp_path / f"v{version}")
+        RewardModel(encoder, LinearHead(np.full(num_features(encoder.dim), float(version)), 0.5)).save(
+            tmp_path / f"v{version}")
         store.publish_version("reward", version, str(tmp_path / f"v{version}"), pairs_seen=version, metrics={})
     assert rollback_reward(store, 1) == 2
     assert store.latest_version("reward").path == str(tmp_path / "v1")

@@ -5,9 +5,12 @@ A scripted annotator ranks the candidates SmolLM2 wrote into 36 tasks by a hidde
 held-out questions the loop never saw, the new policy's answers must win by the hidden preference
 significantly more than half the time, and stay fluent: their NLL under the base policy at most
 0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to one:
-"shorter", and "more_sentences" (more finished sentences), which is not about length: the base
-policy's answers and the new ones have about the same length in characters (printed). The second is
-marked xfail: it passed in two runs of five, the guard rails refusing the other three.
+"shorter", ranked with the plain ranker (two answers rarely have one length), and "more_sentences"
+(more finished sentences), which is not about length: the base policy's answers and the new ones have
+about the same length in characters (printed). Sentence counts tie in 4 of 10 candidate pairs, so
+that annotator uses the bucket template, as a careful human would: most sentences -> Good, fewest ->
+Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42% of its pairs were
+then coin flips, and the guard rails refused three of five runs.
 bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
 through this Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.
 About 3-5 minutes per preference on 2 cores (much longer when other jobs share them).
@@ -30,10 +33,11 @@ from backend.models import DEFAULT_POLICY, load_causal_lm, resolve_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from ppo_loop import PREFERENCES, split_prompts  # noqa: E402
+from ppo_loop import PREFERENCES, split_prompts, verdict  # noqa: E402
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.real_models]
 HELD_OUT = 24
+TEMPLATES = {"ranker": "ranker.xml", "buckets": "ranker_buckets.xml"}  # how the annotator ranks -> its label config
 
 
 def wait_for_status(url: str, condition, timeout: float, what: str) -> dict:
@@ -46,10 +50,18 @@ def wait_for_status(url: str, condition, timeout: float, what: str) -> dict:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last events: {status['events'][-5:]}")
 
 
-@pytest.mark.parametrize("hidden", ["shorter", pytest.param("more_sentences", marks=pytest.mark.xfail(
-    strict=False, reason="not reliable yet: won 0.70 and 0.82 in two runs, but the guard rails refused three "
-                         "others (NLL rise 0.52-0.69, or held-out reward not up); see the README"))])
-def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden, tmp_path, label_studio, ls_client):
+def ranker_result(answers: list[dict], preference, annotation: str) -> dict:
+    """The scripted annotator's verdict (bench/ppo_loop.py) as the Ranker result Label Studio stores."""
+    bodies = [c["body"] for c in answers]
+    tiers = [[answers[i]["id"] for i in tier] for tier in verdict(bodies, preference, annotation)]
+    if annotation == "buckets":
+        return dict(zip(("good", "acceptable", "bad"), tiers))
+    return {"rank": [candidate_id for tier in tiers for candidate_id in tier]}
+
+
+@pytest.mark.parametrize("hidden, annotation", [("shorter", "ranker"), ("more_sentences", "buckets")])
+def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden, annotation, tmp_path, label_studio,
+                                                                          ls_client):
     preference = PREFERENCES[hidden]
     train_prompts, held_out = split_prompts(HELD_OUT)
     model_dir = tmp_path / "model_dir"
@@ -61,7 +73,7 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
     backend = start_backend(env, timeout=300)
     try:
         project = ls_client.projects.create(title=f"hidden preference: {hidden}",
-                                            label_config=(ROOT / "templates/ranker.xml").read_text())
+                                            label_config=(ROOT / "templates" / TEMPLATES[annotation]).read_text())
         ml = ls_client.ml.create(project=project.id, url=backend.url, title="rlhf", is_interactive=False)
         ls_client.projects.import_tasks(id=project.id, request=[{"data": {"prompt": p, "answers": []}}
                                                                 for p in train_prompts])
@@ -69,12 +81,10 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
             j["kind"] == "generate" and j["state"] in ("queued", "running") for j in s["recent_jobs"]),
             900, "candidates")
 
-        # the scripted annotator ranks every task by its hidden preference, best first; the ranker
-        # has no ties, so equally good answers keep Label Studio's order, as a hurried human's would
+        # the scripted annotator ranks every task by its hidden preference
         for task in ls_client.tasks.list(project=project.id, fields="all"):
-            ranked = sorted(task.data["answers"], key=lambda c: -preference(c["body"]))
-            ls_client.annotations.create(id=task.id, result=[{"from_name": "rank", "to_name": "answers",
-                                         "type": "ranker", "value": {"ranker": {"rank": [c["id"] for c in ranked]}}}])
+            ls_client.annotations.create(id=task.id, result=[{"from_name": "rank", "to_name": "answers", "type": "ranker",
+                                         "value": {"ranker": ranker_result(task.data["answers"], preference, annotation)}}])
         ls_client.ml.train(id=ml.id)  # "Start training"
         status = wait_for_status(backend.url, lambda s: any(e["kind"] in ("policy", "policy_rejected", "job_failed")
                                                             for e in s["events"]), 1500, "the policy update")

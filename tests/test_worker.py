@@ -117,3 +117,25 @@ def test_trl_algorithms_run_behind_the_same_job(tiny_env, algorithm):
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
     assert worker.store.latest_version("policy").metrics["algorithm"] == algorithm
+
+
+def test_ppo_trains_on_a_full_refit_of_a_reward_model_updated_incrementally(tiny_env):
+    worker = make_worker(tiny_env, ppo_steps=1)
+    seed_project(worker.store, annotated=12)
+    worker.fit_reward(job("fit_reward"))  # the first fit is a full refit
+    seed_project(worker.store, annotated=20)
+    worker.fit_reward(job("fit_reward"))  # 8 new pairs: an incremental update
+    incremental = worker.store.latest_version("reward")
+    assert incremental.metrics["updates_since_full_refit"] == 1
+    worker.train_policy(job("train_policy"))
+    refitted = worker.store.latest_version("reward")
+    assert refitted.version == incremental.version + 1 and refitted.metrics["full_refit"] is True
+    assert worker.store.latest_version("policy").metrics["reward_version"] == refitted.version
+
+
+def test_ppo_right_after_a_full_refit_fits_no_new_reward_version(tiny_env):
+    worker = make_worker(tiny_env, ppo_steps=1)
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    assert [v.version for v in worker.store.versions("reward")] == [1]
