@@ -2,8 +2,8 @@
 
 A scripted annotator ranks the candidates SmolLM2 wrote into 36 tasks by a hidden preference;
 "Start training" runs the loop (sync -> reward model -> PPO -> guard rails -> policy v1). On 24
-held-out questions the loop never saw, the new policy's answers must win by the hidden preference
-significantly more than half the time, and stay fluent: their NLL under the base policy at most
+held-out questions the loop never saw (4 answers each), the new policy's answers must win by the hidden
+preference significantly more than half the time, and stay fluent: their NLL under the base policy at most
 0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to one:
 "shorter", ranked with the plain ranker (two answers rarely have one length), and "more_sentences"
 (more finished sentences), which is not about length: the base policy's answers and the new ones have
@@ -37,6 +37,9 @@ from ppo_loop import PREFERENCES, split_prompts, verdict  # noqa: E402
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.real_models]
 HELD_OUT = 24
+# answers per held-out question from each policy: 96 paired comparisons, since with 48 (a third to half of
+# them tied) a real gain of 0.6-0.67 came out at p = 0.001-0.03
+SAMPLES = 4
 TEMPLATES = {"ranker": "ranker.xml", "buckets": "ranker_buckets.xml"}  # how the annotator ranks -> its label config
 
 
@@ -101,8 +104,8 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
     answers = {}
     for name, model in (("base", base), ("new", new)):
         torch.manual_seed(1)
-        answers[name] = [a for group in sample_completions(model, tokenizer, held_out, 2, 32) for a in group]
-    prompts = [p for p in held_out for _ in range(2)]
+        answers[name] = [a for group in sample_completions(model, tokenizer, held_out, SAMPLES, 32) for a in group]
+    prompts = [p for p in held_out for _ in range(SAMPLES)]
     result = tally(answers["new"], answers["base"], preference)
     nll_base = answer_nll(base, tokenizer, prompts, answers["base"])
     nll_new = answer_nll(base, tokenizer, prompts, answers["new"])
