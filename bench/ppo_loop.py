@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-kl", type=float, default=12.0, help="PPO_MAX_KL of the guard rail, nats per answer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ppo-epochs", type=int, default=Knobs().ppo.ppo_epochs)
+    parser.add_argument("--seed", type=int, default=Knobs().ppo.seed, help="seed of PPO and of the evaluation samples")
     parser.add_argument("--annotation", choices=ANNOTATIONS, default=Knobs().annotation,
                         help="tiers: equal answers tie; ranker: Label Studio's ranker (no ties); buckets: 3 buckets")
     parser.add_argument("--samples", type=Path, help="cache of the base policy's candidates and held-out answers")
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     ppo = PPOConfig(**{**asdict(base_knobs.ppo), "steps": args.steps, "learning_rate": args.lr,
                        "init_kl_coef": args.kl_coef, "max_new_tokens": args.max_new_tokens,
                        "lora_rank": args.lora_rank, "batch_size": args.batch_size, "stop_kl": args.stop_kl,
-                       "ppo_epochs": args.ppo_epochs,
+                       "ppo_epochs": args.ppo_epochs, "seed": args.seed,
                        "mini_batch_size": min(base_knobs.ppo.mini_batch_size, args.batch_size)})
     knobs = Knobs(ppo=ppo, annotation=args.annotation)
     started = time.perf_counter()
