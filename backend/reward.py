@@ -393,9 +393,9 @@ class RewardModel:
     def pair_diffs(self, prompts: list[str], chosen: list[str],
                    rejected: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The views of chosen minus those of rejected: what each embedding head's margin is linear in."""
-        (features_chosen, middle_chosen), (features_rejected, middle_rejected) = (
-            self.views(prompts, chosen), self.views(prompts, rejected))
-        return features_chosen - features_rejected, middle_chosen - middle_rejected
+        n = len(chosen)
+        features, middle = self.views(list(prompts) * 2, list(chosen) + list(rejected))  # one store query
+        return features[:n] - features[n:], middle[:n] - middle[n:]
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         if not responses:

@@ -125,9 +125,12 @@ class Worker:
     # --- reward model ---
     def fit_reward(self, job: Job) -> None:
         """Stored pairs -> an incremental (or scheduled full) update, published only if it holds up on held-out prompts."""
-        fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
-                           finetune_base=self.finetune_base, seed=self.settings.seed)
+        self.update_reward()
         self.queue_policy_update_if_due(job.project_id)
+
+    def update_reward(self, full_refit: bool = False) -> None:
+        fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
+                           finetune_base=self.finetune_base, seed=self.settings.seed, full_refit=full_refit)
 
     def refit_reward_fully(self) -> None:
         """Refit the reward heads from scratch if they were updated incrementally since their last full refit.
@@ -139,8 +142,7 @@ class Worker:
         latest = self.store.latest_version("reward")
         if latest is None or not latest.metrics.get("updates_since_full_refit"):
             return  # nothing fitted yet, a full refit, or the fine-tuned tier (always fitted from scratch)
-        fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
-                           finetune_base=self.finetune_base, seed=self.settings.seed, full_refit=True)
+        self.update_reward(full_refit=True)
 
     def queue_policy_update_if_due(self, project_id: int | None) -> None:
         """Queue PPO once enough new human signal has arrived and the reward model is worth training on."""
