@@ -12,7 +12,7 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
 trl reads from the config: steps, batch_size (prompts per step), learning_rate, max_grad_norm,
 lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as epsilon).
 It does one optimisation pass per rollout and has no value head or adaptive KL, so ppo_epochs,
-mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl and stop_kl are PPO's alone.
+mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl, stop_kl and stop_nll_rise are PPO's alone.
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ def normalised_to_candidates(reward_fn: RewardFn, candidates: dict[str, list[str
 
 
 def from_ppo(s: PPOStepStats) -> StepStats:
-    extra = {"kl_coef": s.kl_coef, "policy_loss": s.policy_loss, "value_loss": s.value_loss,
+    extra = {"kl_coef": s.kl_coef, "ref_nll": s.ref_nll, "policy_loss": s.policy_loss, "value_loss": s.value_loss,
              "clipfrac": s.clipfrac, "rollout_seconds": s.rollout_seconds, "response_tokens": s.response_tokens}
+    if s.nll_rise is not None:
+        extra["nll_rise"] = s.nll_rise
     return StepStats(step=s.step, reward_mean=s.reward_mean, kl=s.kl, entropy=s.entropy, seconds=s.seconds,
                      eta_seconds=s.eta_seconds, extra=extra)
 

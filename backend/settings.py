@@ -57,6 +57,8 @@ class Settings(BaseModel):
     ppo_target_kl: float = Field(4.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
     ppo_stop_kl: float = Field(
         4.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
+    ppo_stop_nll_rise: float = Field(
+        0.3, gt=0, description="Stop a run once the previous policy's NLL of rollouts rises this much (nats/token), keeping the policy before")
     ppo_max_kl: float = Field(
         12.0, gt=0, description="Publish no policy whose held-out KL to the serving one exceeds this (nats/answer)")
     ppo_max_nll_rise: float = Field(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # fallback when no conftest puts
 
 from tiny_models import build_tiny_policy  # noqa: E402
 
+from backend.evaluation import answer_logprobs  # noqa: E402
 from backend.models import load_causal_lm  # noqa: E402
 from backend.ppo import (  # noqa: E402
     AdaptiveKLController,
     PPOConfig,
     compute_gae,
+    drift_reason,
+    nll_rise,
+    prompt_nll,
     kl_penalized_rewards,
     masked_mean,
     masked_whiten,
@@ -115,6 +120,38 @@ def test_kl_controller_shrinks_when_kl_below_target():
     assert controller.value == pytest.approx(0.09)
 
 
+def test_prompt_nll_averages_each_prompts_responses():
+    ref_logprobs = T([[-1.0, -2.0, -9.0], [-3.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # "a" answered twice: NLL sums 3 and 5 over 2 and 3 tokens; "b" once: 2 over 1
+    assert prompt_nll(["a", "a", "b"], ref_logprobs, mask) == {"a": (4.0, 2.5), "b": (2.0, 1.0)}
+
+
+def test_nll_rise_pairs_the_rollout_with_the_reference_answers_to_the_same_prompts():
+    baseline = {"a": (4.0, 2.0), "b": (9.0, 3.0), "c": (100.0, 1.0)}  # "c" is not in the batch: ignored
+    ref_logprobs = T([[-3.0, -3.0], [-3.0, -3.0]])
+    mask = T([[1.0, 1.0], [1.0, 0.0]])
+    # rollout: 9 nats over 3 tokens = 3.0; reference on a and b: (4 + 9) / (2 + 3) = 2.6
+    assert nll_rise(baseline, ["a", "b"], ref_logprobs, mask) == pytest.approx(0.4)
+
+
+def test_drift_reason_is_none_within_both_bounds():
+    assert drift_reason(kl=3.9, rise=0.2, stop_kl=4.0, stop_nll_rise=0.3) is None
+    assert drift_reason(kl=99.0, rise=9.0, stop_kl=None, stop_nll_rise=None) is None
+    assert drift_reason(kl=1.0, rise=None, stop_kl=4.0, stop_nll_rise=0.3) is None
+
+
+def test_drift_reason_names_kl_past_stop_kl():
+    assert drift_reason(kl=4.7, rise=0.0, stop_kl=4.0, stop_nll_rise=0.3) == (
+        "rollout KL 4.70 > stop_kl 4.00 nats per sequence")
+
+
+def test_drift_reason_names_nll_rise_past_stop_nll_rise_even_at_small_kl():
+    assert drift_reason(kl=1.2, rise=0.37, stop_kl=4.0, stop_nll_rise=0.3) == (
+        "the reference's NLL of the rollout rose +0.37 > stop_nll_rise 0.30 nats per token over its own answers "
+        "to the same prompts")
+
+
 def test_response_mask_keeps_tokens_up_to_and_including_first_eos():
     eos = 0
     ids = T([[5, eos, eos, eos], [5, 6, 7, 8], [eos, 5, eos, 6]])
@@ -182,7 +219,8 @@ def test_train_ppo_with_lora_changes_weights_and_leaves_input_model_untouched(ti
 
     assert [s.step for s in stats] == [1, 2] and seen == stats
     for s in stats:
-        assert all(math.isfinite(v) for v in vars(s).values())
+        assert s.nll_rise is None  # measured only with stop_nll_rise
+        assert all(math.isfinite(v) for k, v in vars(s).items() if k != "nll_rise")
     # LoRA's B matrices start at 0, so the first rollout's policy is exactly the reference
     assert stats[0].kl == pytest.approx(0.0, abs=1e-5)
     assert [r.getMessage().startswith(f"ppo step {i}/2") for i, r in enumerate(caplog.records, 1)] == [True, True]
@@ -221,6 +259,30 @@ def test_train_ppo_stop_kl_undoes_the_update_that_overshot(tiny):
     assert _changed(original, new_model) == []
 
 
+def test_train_ppo_stop_nll_rise_ends_the_run_at_the_first_rollout_past_the_bound(tiny, caplog):
+    model, tokenizer = tiny
+
+    def reference_nll(prompts, responses):  # rewards text the reference finds unlikely: the drift to stop
+        sums, counts = answer_logprobs(model, tokenizer, prompts, responses)
+        return [float(-s / max(int(c), 1)) for s, c in zip(sums, counts)]
+
+    config = PPOConfig(steps=4, batch_size=2, max_new_tokens=8, lora_rank=0, learning_rate=1e-2, init_kl_coef=0.0)
+    # a bound never reached: the run measures the rise at every step (sampling the reference for
+    # prompts it meets for the first time) and so draws the same random numbers as a stopped run
+    _, free = train_ppo(model, tokenizer, PROMPTS, reference_nll, replace(config, stop_nll_rise=1e9))
+    rises = [s.nll_rise for s in free]
+    assert rises[0] == pytest.approx(0.0, abs=1e-4)  # step 1 samples the reference itself
+    # a bound between the rises before the first clear rise and that rise, so the step the run stops
+    # at follows from the free run
+    first_past = next(i for i, rise in enumerate(rises) if i > 0 and rise > 1e-3)
+    bound = (max(rises[:first_past]) + rises[first_past]) / 2
+    with caplog.at_level(logging.WARNING, logger="backend.ppo"):
+        _, stopped = train_ppo(model, tokenizer, PROMPTS, reference_nll, replace(config, stop_nll_rise=bound))
+    assert [s.step for s in stopped] == [s.step for s in free[:first_past]]
+    assert [s.nll_rise for s in stopped] == pytest.approx(rises[:first_past])
+    assert "the reference's NLL of the rollout rose" in caplog.text
+
+
 def test_train_ppo_step_stats_report_rollout_time_and_tokens(tiny):
     model, tokenizer = tiny
     config = PPOConfig(steps=1, batch_size=2, max_new_tokens=8, lora_rank=4)
@@ -233,3 +295,8 @@ def test_train_ppo_step_stats_report_rollout_time_and_tokens(tiny):
 def test_config_rejects_non_positive_stop_kl():
     with pytest.raises(ValueError, match=r"PPOConfig.stop_kl=0.0 is invalid: set it to None or a float > 0"):
         PPOConfig(stop_kl=0.0)
+
+
+def test_config_rejects_non_positive_stop_nll_rise():
+    with pytest.raises(ValueError, match=r"PPOConfig.stop_nll_rise=-0.1 is invalid: set it to None or a float > 0"):
+        PPOConfig(stop_nll_rise=-0.1)
