@@ -3,7 +3,7 @@
 In:  the previous policy (a plain causal LM, also the KL reference), its tokenizer, raw
      prompts, a `RewardFn` scoring decoded text, and a `PPOConfig`.
 Out: the new policy as a plain causal LM (LoRA merged, value head dropped, eval mode) and
-     one `PPOStepStats` per step.
+     one `PPOStepStats` per step whose update it holds.
 
 The recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") as
 used by InstructGPT (Ouyang et al. 2022). We write it out because trl removed `PPOTrainer`
@@ -580,7 +580,8 @@ def train_ppo(
     `model` (in eval mode, as `load_causal_lm` returns it) is both the starting policy and the
     KL reference; it is read, never written: training happens on a copy. Reseeds torch's
     global RNG with `config.seed`, because `generate` samples from it. With `config.stop_kl` or
-    `config.stop_nll_rise`, the run may end before `config.steps` (fewer stats than steps).
+    `config.stop_nll_rise`, the run may end before `config.steps`, undoing the update that overshot:
+    the stats then cover only the updates kept (none when the first one overshot).
     """
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt to train on")
@@ -626,6 +627,7 @@ def train_ppo(
         drift = drift_reason(kl_per_sequence, rise, config.stop_kl, config.stop_nll_rise)
         if drift is not None and before_update is not None:
             policy.load_trainable_state(before_update)
+            stats.pop()  # that update is undone: stats describe the updates the returned policy holds
             log.warning("ppo stopped at step %d/%d: %s; kept the policy that sampled step %d",
                         step, config.steps, drift, step - 1)
             break

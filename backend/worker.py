@@ -186,6 +186,11 @@ class Worker:
                                         ppo_config(settings), group_size=settings.rl_group_size, on_step=on_step)
         metrics = {"algorithm": settings.rl_algorithm, "reward_version": reward.version, "steps": len(stats),
                    "final_train_kl": stats[-1].kl if stats else None, "last_pair_id": last_pair_id}
+        if not stats:  # PPO undid its only update: the "new" policy is the serving one
+            self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "
+                                 "the first update already drifted past PPO_STOP_KL / PPO_STOP_NLL_RISE and was "
+                                 "undone", **metrics)
+            return
         # guard rails: held-out prompts PPO never saw judge whether the new policy may serve
         if held_out:
             comparison = compare_on_held_out(trained, model, tokenizer, held_out, reward.score,

@@ -98,6 +98,18 @@ def test_a_policy_past_the_guard_rails_is_not_published(tiny_env, monkeypatch, c
     assert not worker.store.has_active_job("regenerate")
 
 
+def test_a_run_whose_only_update_was_undone_publishes_nothing(tiny_env):
+    # step 2's rollout passes the tiny stop KL, so PPO undoes step 1's update: the "new" policy is v0 again
+    worker = make_worker(tiny_env, ppo_learning_rate=0.05, ppo_stop_kl=1e-6)
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    assert [v.version for v in worker.store.versions("policy")] == [0]
+    rejected = [e for e in worker.store.events() if e["kind"] == "policy_rejected"]
+    assert rejected and "was undone" in rejected[0]["message"]
+    assert not worker.store.has_active_job("regenerate")
+
+
 def test_a_policy_within_the_guard_rails_is_published_and_candidates_regenerated(tiny_env):
     worker = make_worker(tiny_env)  # tiny_env's guard rails let any tiny policy through
     seed_project(worker.store)
