@@ -99,11 +99,12 @@ def answer_logprobs(
             ids[i, :len(p) + len(a)] = torch.tensor(p + a)
             attention[i, :len(p) + len(a)] = 1
             scored[i, len(p):len(p) + len(a)] = 1
+        ids, attention, scored = ids.to(model.device), attention.to(model.device), scored.to(model.device)
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (b, L, V)
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (b, L-1)
         mask = scored[:, 1:]  # position t predicts token t + 1
-        sums[start:start + len(rows)] = (logp * mask).sum(-1)
-        counts[start:start + len(rows)] = mask.sum(-1)
+        sums[start:start + len(rows)] = (logp * mask).sum(-1).cpu()
+        counts[start:start + len(rows)] = mask.sum(-1).cpu()
     return sums, counts
 
 

@@ -602,7 +602,7 @@ def train_ppo(
         batch = next(batches)
         # rollout: sample one response per prompt from the current policy and score its text
         sequences, attention_mask, mask, responses = sample_responses(policy.lm, tokenizer, batch, config)
-        scores = score_responses(reward_fn, batch, responses)  # (B,)
+        scores = score_responses(reward_fn, batch, responses).to(sequences.device)  # (B,)
         # evaluate: log-probs and values at sampling time, log-probs under the reference
         logprobs, values, entropy, ref_logprobs = evaluate_rollout(
             policy, sequences, attention_mask, mask.shape[1], config.temperature)

@@ -201,7 +201,7 @@ def _train_trl(
             disable_tqdm=True, seed=config.seed, data_seed=config.seed, shuffle_dataset=False,
             # CPU: trl defaults to bf16 and gradient checkpointing (2.5x slower here, shared/models/README.md);
             # transformers 5 renamed gradient_checkpointing to activation_checkpointing
-            bf16=False, use_cpu=True, activation_checkpointing=False, dataloader_num_workers=0,
+            bf16=False, use_cpu=model.device.type == "cpu", activation_checkpointing=False, dataloader_num_workers=0,
             max_steps=config.steps, per_device_train_batch_size=config.batch_size * group_size,
             gradient_accumulation_steps=1, num_generations=group_size, num_iterations=1,
             learning_rate=config.learning_rate, lr_scheduler_type="constant", warmup_steps=0,

@@ -57,8 +57,8 @@ class Settings(BaseModel):
     ppo_target_kl: float = Field(4.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
     ppo_stop_kl: float = Field(
         4.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
-    ppo_stop_nll_rise: float = Field(
-        0.3, gt=0, description="Stop a run once the previous policy's NLL of rollouts rises this much (nats/token), keeping the policy before")
+    ppo_stop_nll_rise: float | None = Field(
+        None, gt=0, description="If set, stop a run once the previous policy's NLL of rollouts rises this much over its own answers (nats/token), keeping the policy before")
     ppo_max_kl: float = Field(
         12.0, gt=0, description="Publish no policy whose held-out KL to the serving one exceeds this (nats/answer)")
     ppo_max_nll_rise: float = Field(
@@ -70,6 +70,8 @@ class Settings(BaseModel):
     # --- serving ---
     basic_auth_user: str = Field("", description="If set with BASIC_AUTH_PASS, every route needs HTTP basic auth")
     basic_auth_pass: str = Field("", description="Password of BASIC_AUTH_USER")
+    train_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the worker trains policies and runs their held-out check; auto = cuda if available")
     torch_threads: int = Field(0, ge=0, le=256, description="torch threads in the worker; 0 = torch's default")
     seed: int = Field(0, ge=0, description="Seed of sampling and training")
 

@@ -172,6 +172,7 @@ class Worker:
         self.refit_reward_fully()
         reward = self.registry.reward_model()
         model, tokenizer = load_causal_lm(serving.path)  # a private copy: training must not touch the serving model
+        model.to(training_device(settings.train_device))
         self.store.log_event("ppo", f"{settings.rl_algorithm} started from policy v{serving.version} with reward "
                              f"v{reward.version} on {len(train_prompts)} prompts ({len(held_out)} held out)")
 
@@ -240,6 +241,15 @@ def split_held_out(prompts: list[str]) -> tuple[list[str], list[str]]:
     train = [p for p in prompts if not is_held_out(p)]
     held_out = [p for p in prompts if is_held_out(p)][:MAX_HELD_OUT_PROMPTS]
     return (train or prompts), held_out  # a handful of prompts may all hash into the held-out split
+
+
+def training_device(name: str) -> torch.device:
+    """TRAIN_DEVICE as a torch device: "auto" is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TRAIN_DEVICE=cuda but torch sees no GPU: set TRAIN_DEVICE=auto or cpu")
+    return torch.device(name)
 
 
 def ppo_config(settings: Settings) -> PPOConfig:

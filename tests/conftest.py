@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -15,6 +17,12 @@ from backend.local_servers import TOKEN, migrated_label_studio  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOADS = ROOT.parent / "shared" / "label-studio" / "payloads"
 HH_PAIRS = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the RL tests train: RLHF_TEST_DEVICE (cpu by default; cuda on a GPU machine)."""
+    return torch.device(os.environ.get("RLHF_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="session")

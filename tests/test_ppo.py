@@ -182,8 +182,9 @@ def test_config_validation_names_field_value_and_fix(kwargs, message):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_causal_lm(str(build_tiny_policy(tmp_path_factory.mktemp("tiny-policy"))))
+def tiny(tmp_path_factory, device):
+    model, tokenizer = load_causal_lm(str(build_tiny_policy(tmp_path_factory.mktemp("tiny-policy"))))
+    return model.to(device), tokenizer
 
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke.", "How do I bake bread?"]
@@ -225,7 +226,7 @@ def test_train_ppo_with_lora_changes_weights_and_leaves_input_model_untouched(ti
     assert stats[0].kl == pytest.approx(0.0, abs=1e-5)
     assert [r.getMessage().startswith(f"ppo step {i}/2") for i, r in enumerate(caplog.records, 1)] == [True, True]
 
-    enc = tokenizer(["Hello"], return_tensors="pt")
+    enc = tokenizer(["Hello"], return_tensors="pt").to(new_model.device)
     out = new_model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > enc["input_ids"].shape[1]
 

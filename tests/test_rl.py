@@ -16,8 +16,9 @@ PROMPTS = ["What is the capital of France?", "Tell me a joke.", "How do I bake b
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_policy):
-    return load_causal_lm(str(tiny_policy))
+def tiny(tiny_policy, device):
+    model, tokenizer = load_causal_lm(str(tiny_policy))
+    return model.to(device), tokenizer
 
 
 def count_a_reward(prompts: list[str], responses: list[str]) -> list[float]:
