@@ -658,8 +658,8 @@ def train_ppo(
 
 def _log_step(s: PPOStepStats, steps: int) -> None:
     log.info(
-        "ppo step %d/%d: reward %.4f kl %.4f (coef %.4f) ref_nll %.3f (rise %s) entropy %.3f policy_loss %.4f value_loss %.4f "
-        "clipfrac %.3f | rollout %.1fs update %.1fs eta %.0fs",
+        "ppo step %d/%d: reward %.4f kl %.4f (coef %.4f) ref_nll %.3f (rise %s) entropy %.3f policy_loss %.4f "
+        "value_loss %.4f clipfrac %.3f | rollout %.1fs update %.1fs eta %.0fs",
         s.step, steps, s.reward_mean, s.kl, s.kl_coef, s.ref_nll, "n/a" if s.nll_rise is None else f"{s.nll_rise:+.3f}",
         s.entropy, s.policy_loss, s.value_loss,
         s.clipfrac, s.rollout_seconds, s.seconds - s.rollout_seconds, s.eta_seconds,
