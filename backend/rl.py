@@ -10,9 +10,11 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
           relative to the group mean, no value model.
 - "rloo": trl's RLOOTrainer (Ahmadian et al. 2024): the same groups, a leave-one-out baseline.
 trl reads from the config: steps, batch_size (prompts per step), learning_rate, max_grad_norm,
-lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as epsilon).
-It does one optimisation pass per rollout and has no value head or adaptive KL, so ppo_epochs,
-mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl, stop_kl and stop_nll_rise are PPO's alone.
+lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as epsilon), and
+stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it trl's RLOO ran
+to a KL of 17.5 nats in 16 steps, README). It does one optimisation pass per rollout and has no value
+head or adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl
+and stop_nll_rise are PPO's alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 
+import torch
 from peft import LoraConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -150,11 +153,23 @@ def _dataset(tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPO
 
 
 class _StepRecorder(TrainerCallback):
-    """Turns trl's per-step log into `StepStats`, with an ETA from the mean step time so far."""
+    """Turns trl's per-step log into `StepStats`, with an ETA from the mean step time so far, and
+    stops the run once a step's rollout KL passes `stop_kl`.
 
-    def __init__(self, steps: int, on_step: Callable[[StepStats], None] | None):
-        self.steps, self.on_step, self.stats = steps, on_step, []
+    trl logs step k after its update, from the rollout that the policy before it sampled. So, as
+    PPO does, a rollout past `stop_kl` undoes the update that produced its policy (step k - 1's)
+    and step k's own: the weights go back to those at the start of step k - 1.
+    """
+
+    def __init__(self, steps: int, on_step: Callable[[StepStats], None] | None, stop_kl: float | None):
+        self.steps, self.on_step, self.stop_kl, self.stats = steps, on_step, stop_kl, []
         self.started = self.last = time.perf_counter()
+        self.snapshots: list[dict[str, torch.Tensor]] = []  # trainable weights at the start of the last 2 steps
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.stop_kl is not None and model is not None:
+            trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.snapshots = [*self.snapshots[-1:], trainable]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:  # the final summary log has no reward
@@ -175,6 +190,19 @@ class _StepRecorder(TrainerCallback):
                  "n/a" if s.entropy is None else f"{s.entropy:.3f}", s.seconds, s.eta_seconds)
         if self.on_step is not None:
             self.on_step(s)
+        if self.stop_kl is not None and kl is not None and kl > self.stop_kl and len(self.snapshots) == 2:
+            self.undo_to(kwargs["model"], self.snapshots[0])
+            del self.stats[-2:]  # both updates are undone: stats describe the updates the policy holds
+            control.should_training_stop = True
+            log.warning("%s stopped at step %d/%d: rollout KL %.2f > stop_kl %.2f nats per sequence; kept the "
+                        "policy that sampled step %d", args.run_name, step, self.steps, kl, self.stop_kl, step - 1)
+
+    @staticmethod
+    @torch.no_grad()
+    def undo_to(model, snapshot: dict[str, torch.Tensor]) -> None:
+        for name, p in model.named_parameters():
+            if name in snapshot:
+                p.copy_(snapshot[name])
 
 
 def _train_trl(
@@ -194,7 +222,7 @@ def _train_trl(
     if config.lora_rank > 0:
         peft_config = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
                                  target_modules=lora_target_modules(policy), bias="none", task_type="CAUSAL_LM")
-    recorder = _StepRecorder(config.steps, on_step)
+    recorder = _StepRecorder(config.steps, on_step, config.stop_kl)
     with tempfile.TemporaryDirectory(prefix=f"rl-{algorithm}-") as output_dir:
         args = Config(
             output_dir=output_dir, run_name=algorithm, report_to=[], save_strategy="no", logging_steps=1,

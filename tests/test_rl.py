@@ -3,6 +3,7 @@ and RLOO), the reward-function adapter for trl's conversational and plain prompt
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -88,3 +89,19 @@ def test_rewards_are_centred_per_prompt_and_scaled_to_the_candidates_spread():
     assert reward(["a", "b", "c"], ["xxxxx", "x" * 12, "xx"]) == pytest.approx([3 / spread, 0.0, 2 / spread])
     tenfold = normalised_to_candidates(lambda p, r: [10 * s for s in score(p, r)], candidates)
     assert tenfold(["a"], ["xxxxx"]) == pytest.approx(reward(["a"], ["xxxxx"]))  # any reward model's scale
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_run_stops_at_stop_kl_and_undoes_the_update_that_overshot(tiny, algorithm, caplog):
+    model, tokenizer = tiny
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # step 1 samples the starting policy (KL 0) and updates hard; step 2's rollout then passes the tiny
+    # stop_kl, so both updates are undone: the run hands back the starting weights and no step's stats
+    config = PPOConfig(steps=4, batch_size=2, mini_batch_size=1, max_new_tokens=8, lora_rank=4, learning_rate=5e-2,
+                       stop_kl=1e-6)
+    with caplog.at_level(logging.WARNING, logger="backend.rl"):
+        new_model, stats = improve_policy(algorithm, model, tokenizer, PROMPTS, count_a_reward, config, group_size=2)
+    assert stats == []
+    after = new_model.state_dict()
+    assert all(torch.equal(v, after[k].to(v.device)) for k, v in original.items())
+    assert f"{algorithm} stopped at step 2/4: rollout KL" in caplog.text
