@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from backend import ledger
 from backend.evaluation import HeldOutComparison
@@ -12,7 +13,7 @@ from backend.preferences import PreferencePair
 from backend.reward import is_held_out
 from backend.settings import load_settings
 from backend.store import Job, Store
-from backend.worker import Worker, split_held_out
+from backend.worker import Worker, split_held_out, training_device
 
 RANKER = (Path(__file__).resolve().parents[1] / "templates" / "ranker.xml").read_text()
 PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(30)]
@@ -151,3 +152,10 @@ def test_ppo_right_after_a_full_refit_fits_no_new_reward_version(tiny_env):
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
     assert [v.version for v in worker.store.versions("reward")] == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_train_device_auto_is_the_cpu_and_cuda_without_a_gpu_names_the_fix():
+    assert training_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="TRAIN_DEVICE=cuda but torch sees no GPU: set TRAIN_DEVICE=auto or cpu"):
+        training_device("cuda")
