@@ -63,6 +63,9 @@ class PPOConfig:
     mini_batch_size: int = 2  # sequences per gradient step; divides batch_size
     ppo_epochs: int = 2  # optimisation passes over each rollout
     learning_rate: float = 2e-4  # Adam learning rate
+    # steps whose learning rate ramps up linearly (step k of n uses k / (n + 1) of it): Adam's first
+    # updates move every weight by about the learning rate whatever the gradient (README); 0 = none
+    warmup_steps: int = 0
     max_grad_norm: float = 1.0  # clip of the global gradient norm
     lora_rank: int = 16  # LoRA rank on q/k/v/o projections (alpha = 2 * rank); 0 = full fine-tune
     seed: int = 0  # seeds prompt order, sampling and mini-batch order
@@ -97,6 +100,7 @@ class PPOConfig:
              f"a divisor of batch_size={self.batch_size}, so every mini-batch has the same size"),
             ("ppo_epochs", self.ppo_epochs >= 1, "an integer >= 1"),
             ("learning_rate", self.learning_rate > 0, "a float > 0, e.g. 2e-4"),
+            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0 (0 = no warm-up)"),
             ("max_grad_norm", self.max_grad_norm > 0, "a float > 0, e.g. 1.0"),
             ("lora_rank", self.lora_rank >= 0, "an integer >= 0 (0 = full fine-tune)"),
             ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
@@ -304,6 +308,11 @@ def nll_rise(baseline: dict[str, tuple[float, float]], prompts: list[str], ref_l
     rollout = (-(ref_logprobs * mask).sum() / mask.sum()).item()
     reference = sum(baseline[p][0] for p in prompts) / sum(baseline[p][1] for p in prompts)
     return rollout - reference
+
+
+def warmup_learning_rate(learning_rate: float, step: int, warmup_steps: int) -> float:
+    """The learning rate of PPO step `step` (1-based): `learning_rate` * step / (warmup_steps + 1) while warming up."""
+    return learning_rate * min(1.0, step / (warmup_steps + 1))
 
 
 def drift_reason(kl: float, rise: float | None, stop_kl: float | None, stop_nll_rise: float | None) -> str | None:
@@ -638,6 +647,8 @@ def train_ppo(
         # optimise: clipped policy + value losses over mini-batches
         if config.stop_kl is not None or config.stop_nll_rise is not None:
             before_update = policy.trainable_state()
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_learning_rate(config.learning_rate, step, config.warmup_steps)
         losses = ppo_update(policy, optimizer, rollout, config, generator)
         # adapt the KL coefficient to this rollout's KL per sequence
         kl_controller.update(kl_per_sequence, config.batch_size)

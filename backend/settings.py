@@ -52,6 +52,7 @@ class Settings(BaseModel):
     ppo_steps: int = Field(16, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")
     ppo_batch_size: int = Field(8, ge=1, le=1024, description="Prompts per PPO rollout")
     ppo_learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate of PPO (LoRA weights)")
+    ppo_warmup_steps: int = Field(0, ge=0, le=10_000, description="RL steps whose learning rate ramps up linearly to PPO_LEARNING_RATE")
     ppo_init_kl_coef: float = Field(
         0.02, ge=0, description="Initial KL penalty coefficient to the previous policy (rewards in units of the candidates' spread)")
     ppo_target_kl: float = Field(4.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")

@@ -23,6 +23,7 @@ from backend.ppo import (  # noqa: E402
     PPOConfig,
     compute_gae,
     drift_reason,
+    warmup_learning_rate,
     nll_rise,
     prompt_nll,
     kl_penalized_rewards,
@@ -133,6 +134,12 @@ def test_nll_rise_pairs_the_rollout_with_the_reference_answers_to_the_same_promp
     mask = T([[1.0, 1.0], [1.0, 0.0]])
     # rollout: 9 nats over 3 tokens = 3.0; reference on a and b: (4 + 9) / (2 + 3) = 2.6
     assert nll_rise(baseline, ["a", "b"], ref_logprobs, mask) == pytest.approx(0.4)
+
+
+def test_warmup_learning_rate_ramps_linearly_then_holds():
+    assert [warmup_learning_rate(6e-4, step, warmup_steps=2) for step in (1, 2, 3, 9)] == pytest.approx(
+        [2e-4, 4e-4, 6e-4, 6e-4])
+    assert warmup_learning_rate(6e-4, 1, warmup_steps=0) == 6e-4
 
 
 def test_drift_reason_is_none_within_both_bounds():
