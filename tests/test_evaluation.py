@@ -65,6 +65,10 @@ class FixedDistributionLM(nn.Module):
         super().__init__()
         self.log_probs = probs.log()
 
+    @property
+    def device(self) -> torch.device:  # as a PreTrainedModel has: evaluation moves its inputs there
+        return self.log_probs.device
+
     def forward(self, input_ids, attention_mask=None, use_cache=False):
         b, length = input_ids.shape
         return SimpleNamespace(logits=self.log_probs.expand(b, length, -1).clone())  # (b, L, V)
