@@ -9,12 +9,12 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
 - "grpo": trl's GRPOTrainer (Shao et al. 2024): `group_size` samples per prompt, advantages
           relative to the group mean, no value model.
 - "rloo": trl's RLOOTrainer (Ahmadian et al. 2024): the same groups, a leave-one-out baseline.
-trl reads from the config: steps, batch_size (prompts per step), learning_rate, max_grad_norm,
-lora_rank, seed, warmup_steps, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as epsilon), and
-stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it trl's RLOO ran
-to a KL of 17.5 nats in 16 steps, README). It does one optimisation pass per rollout and has no value
-head or adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl
-and stop_nll_rise are PPO's alone.
+trl reads from the config: steps, batch_size (prompts per step), learning_rate, warmup_steps,
+max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as
+epsilon), and stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
+trl's RLOO ran to a KL of 17.5 nats in 16 steps, README). It does one optimisation pass per rollout and
+has no value head or adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value,
+vf_coef, target_kl and stop_nll_rise are PPO's alone.
 """
 
 from __future__ import annotations
@@ -229,10 +229,12 @@ def _train_trl(
             disable_tqdm=True, seed=config.seed, data_seed=config.seed, shuffle_dataset=False,
             # CPU: trl defaults to bf16 and gradient checkpointing (2.5x slower here, shared/models/README.md);
             # transformers 5 renamed gradient_checkpointing to activation_checkpointing
-            bf16=False, use_cpu=model.device.type == "cpu", activation_checkpointing=False, dataloader_num_workers=0,
-            max_steps=config.steps, per_device_train_batch_size=config.batch_size * group_size,
+            bf16=False, use_cpu=model.device.type == "cpu", activation_checkpointing=False,
+            dataloader_num_workers=0, max_steps=config.steps,
+            per_device_train_batch_size=config.batch_size * group_size,
             gradient_accumulation_steps=1, num_generations=group_size, num_iterations=1,
-            learning_rate=config.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=config.warmup_steps,
+            learning_rate=config.learning_rate, lr_scheduler_type="constant_with_warmup",
+            warmup_steps=config.warmup_steps,
             max_grad_norm=config.max_grad_norm, beta=config.init_kl_coef, epsilon=config.cliprange,
             max_completion_length=config.max_new_tokens, temperature=config.temperature, top_k=0, top_p=1.0,
             log_completions=False,

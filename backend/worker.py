@@ -260,7 +260,8 @@ def ppo_config(settings: Settings) -> PPOConfig:
         learning_rate=settings.ppo_learning_rate, warmup_steps=settings.ppo_warmup_steps,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, init_kl_coef=settings.ppo_init_kl_coef, target_kl=settings.ppo_target_kl,
-        stop_kl=settings.ppo_stop_kl, stop_nll_rise=settings.ppo_stop_nll_rise, lora_rank=settings.lora_rank, seed=settings.seed,
+        stop_kl=settings.ppo_stop_kl, stop_nll_rise=settings.ppo_stop_nll_rise, lora_rank=settings.lora_rank,
+        seed=settings.seed,
     )
 
 

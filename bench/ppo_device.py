@@ -115,13 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = policy_and_tokenizer(policy, args.random_weights, device)
     rows = [measure(model, tokenizer, b, args) for b in args.batch_sizes]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    weights = "random" if args.random_weights else "real"
     print(f"## PPO on {device.type} ({name}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"fp32, LoRA r=16, {args.max_new_tokens} new tokens, {'random' if args.random_weights else 'real'} weights)\n")
+          f"fp32, LoRA r=16, {args.max_new_tokens} new tokens, {weights} weights)\n")
     print("| prompts a step | rollout tokens/s | s / update | s / step | held-out check s | peak memory GB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.batch_size} | {r.rollout_tokens_per_s:.0f} | {r.seconds_per_update:.2f} | {r.seconds_per_step:.2f} "
-              f"| {r.held_out_check_s:.1f} | {r.peak_memory_gb:.2f} |")
+        print(f"| {r.batch_size} | {r.rollout_tokens_per_s:.0f} | {r.seconds_per_update:.2f} "
+              f"| {r.seconds_per_step:.2f} | {r.held_out_check_s:.1f} | {r.peak_memory_gb:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "rows": [asdict(r) for r in rows]}, indent=1))
 
