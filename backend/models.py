@@ -92,12 +92,18 @@ def convert_smollm2(target: Path) -> Path:
     return target
 
 
-def load_causal_lm(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM in eval mode and its tokenizer, padded on the left for batched generation."""
+def load_policy_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A causal LM's tokenizer, padded on the left for batched generation (eos pads if it has no pad token)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM in eval mode and its tokenizer, padded on the left for batched generation."""
+    tokenizer = load_policy_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model, tokenizer

@@ -624,10 +624,9 @@ def train_ppo(
         # one reference answer each
         rise = None
         if config.stop_nll_rise is not None:
-            unseen = [p for p in dict.fromkeys(batch) if p not in baseline]
             if step == 1:
                 baseline.update(prompt_nll(batch, ref_logprobs, mask))
-            elif unseen:
+            elif unseen := [p for p in dict.fromkeys(batch) if p not in baseline]:
                 baseline.update(reference_prompt_nll(policy, tokenizer, unseen, config))
             rise = nll_rise(baseline, batch, ref_logprobs, mask)
         # early stop: the previous update took the policy too far from the reference. Undo it, so

@@ -32,13 +32,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.evaluation import compare_on_held_out  # noqa: E402
-from backend.models import DEFAULT_POLICY, load_causal_lm, resolve_policy  # noqa: E402
+from backend.models import DEFAULT_POLICY, load_causal_lm, load_policy_tokenizer, resolve_policy  # noqa: E402
 from backend.ppo import PPOConfig, train_ppo  # noqa: E402
 
 TOPICS = ["the ocean", "bread", "the moon", "piano practice", "sleep", "volcanoes", "tea", "bicycles",
           "rain", "chess", "gardening", "owls", "maps", "the heart", "glass", "bees"]
 PROMPTS = [f"{q} {t}?" for q in ("Tell me about", "Why should I care about", "What is surprising about",
                                  "Give me one tip about") for t in TOPICS]  # 64 prompts, cycled
+
+
+def answer_length(prompts: list[str], answers: list[str]) -> list[float]:
+    """The stand-in reward: speed does not depend on what the reward is."""
+    return [float(len(a)) for a in answers]
 
 
 @dataclass
@@ -54,13 +59,9 @@ class Row:
 def policy_and_tokenizer(path: str, random_weights: bool, device: torch.device):
     """The policy on `device` in eval mode, and its tokenizer (left-padded, as load_causal_lm gives it)."""
     if random_weights:
-        from transformers import AutoTokenizer
-
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        tokenizer.padding_side = "left"
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        tokenizer = load_policy_tokenizer(path)
     else:
         model, tokenizer = load_causal_lm(path)
     return model.to(device), tokenizer
@@ -78,10 +79,10 @@ def measure(model, tokenizer, batch_size: int, args) -> Row:
         torch.cuda.reset_peak_memory_stats(device)
     config = PPOConfig(steps=args.steps, batch_size=batch_size, mini_batch_size=max(batch_size // 2, 1),
                        max_new_tokens=args.max_new_tokens, learning_rate=5e-4, lora_rank=16, init_kl_coef=0.02)
-    trained, stats = train_ppo(model, tokenizer, PROMPTS, lambda p, r: [float(len(a)) for a in r], config)
+    trained, stats = train_ppo(model, tokenizer, PROMPTS, answer_length, config)
     counted = stats[1:] or stats  # the first step pays for warm-up (kernels, allocator)
     started = time.perf_counter()
-    compare_on_held_out(trained, model, tokenizer, PROMPTS[:8], lambda p, r: [float(len(a)) for a in r],
+    compare_on_held_out(trained, model, tokenizer, PROMPTS[:8], answer_length,
                         samples=4, max_new_tokens=args.max_new_tokens, seed=0)
     check_seconds = time.perf_counter() - started
     return Row(
