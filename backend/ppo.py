@@ -331,6 +331,19 @@ def drift_reason(kl: float, rise: float | None, stop_kl: float | None, stop_nll_
 # ----------------------------------------------------------------------------- models
 
 
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `module`'s trainable weights, by name: what an undone update is rolled back to."""
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put back weights saved by `trainable_state`."""
+    for name, p in module.named_parameters():
+        if name in state:
+            p.copy_(state[name])
+
+
 def lora_target_modules(model: nn.Module) -> list[str]:
     """The attention projections (of `LORA_TARGETS`) that `model` has as linear layers."""
     found = {
@@ -412,14 +425,11 @@ class PolicyWithValue(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """A copy of the trained weights (LoRA adapters and value head: a few MB; every weight if lora_rank == 0)."""
-        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+        return trainable_state(self)
 
-    @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put back weights saved by `trainable_state`."""
-        for name, p in self.named_parameters():
-            if name in state:
-                p.copy_(state[name])
+        load_trainable_state(self, state)
 
     def merged_model(self) -> PreTrainedModel:
         """The policy as a plain causal LM: LoRA merged into the weights, value head dropped, frozen."""

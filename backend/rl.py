@@ -35,7 +35,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback
 
 from backend.generation import render_prompt
-from backend.ppo import PPOConfig, PPOStepStats, RewardFn, lora_target_modules, prompt_batches, train_ppo
+from backend.ppo import (
+    PPOConfig,
+    PPOStepStats,
+    RewardFn,
+    load_trainable_state,
+    lora_target_modules,
+    prompt_batches,
+    train_ppo,
+    trainable_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +177,7 @@ class _StepRecorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.stop_kl is not None and model is not None:
-            trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            self.snapshots = [*self.snapshots[-1:], trainable]
+            self.snapshots = [*self.snapshots[-1:], trainable_state(model)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:  # the final summary log has no reward
@@ -191,18 +199,11 @@ class _StepRecorder(TrainerCallback):
         if self.on_step is not None:
             self.on_step(s)
         if self.stop_kl is not None and kl is not None and kl > self.stop_kl and len(self.snapshots) == 2:
-            self.undo_to(kwargs["model"], self.snapshots[0])
+            load_trainable_state(kwargs["model"], self.snapshots[0])
             del self.stats[-2:]  # both updates are undone: stats describe the updates the policy holds
             control.should_training_stop = True
             log.warning("%s stopped at step %d/%d: rollout KL %.2f > stop_kl %.2f nats per sequence; kept the "
                         "policy that sampled step %d", args.run_name, step, self.steps, kl, self.stop_kl, step - 1)
-
-    @staticmethod
-    @torch.no_grad()
-    def undo_to(model, snapshot: dict[str, torch.Tensor]) -> None:
-        for name, p in model.named_parameters():
-            if name in snapshot:
-                p.copy_(snapshot[name])
 
 
 def _train_trl(
