@@ -1,8 +1,8 @@
-"""The whole loop against simulated annotators: does PPO on a fitted reward model improve the policy?
+"""The whole loop against simulated annotators: does RL on a fitted reward model improve the policy?
 
 In:  the real default models (SmolLM2-135M-Instruct policy, MiniLM reward encoder), a list of
      short questions, and scripted annotators that rank candidates by a fixed hidden preference.
-Out: per preference, a markdown row: rollout tokens/s, seconds per PPO update, peak memory,
+Out: per preference, a markdown row: rollout tokens/s, seconds per RL update, peak memory,
      the reward model's held-out accuracy, the new policy's win-rate against the base policy by
      that preference (with the sign-test p-value), the KL between them, and the mean per-token
      NLL under the base policy of the new answers against the base policy's own answers.
@@ -11,7 +11,8 @@ For each hidden preference:
 1. the base policy writes K candidates for each training question; the annotator ranks them by
    the preference (equal scores tie: one bucket, no pair), giving preference pairs;
 2. the default reward model (frozen MiniLM + Bradley-Terry head) is fitted on those pairs;
-3. PPO (backend/rl.py) trains the policy against the reward model;
+3. the backend's RL algorithm (backend/rl.py: RLOO by default, `--algorithm ppo` for ours) trains
+   the policy against the reward model;
 4. on held-out questions the new and the base policy each sample answers; the win-rate counts
    how often the preference favours the new answer (ties half), paired by question and sample.
 
@@ -51,7 +52,8 @@ from backend.models import (  # noqa: E402
 from backend.ppo import PPOConfig  # noqa: E402
 from backend.preferences import pairs_from_tiers  # noqa: E402
 from backend.reward import RewardModel, TextEncoder  # noqa: E402
-from backend.rl import improve_policy, normalised_to_candidates  # noqa: E402
+from backend.rl import ALGORITHMS, StepStats, improve_policy, normalised_to_candidates  # noqa: E402
+from backend.settings import Settings  # noqa: E402
 
 log = logging.getLogger("ppo_loop")
 
@@ -174,6 +176,8 @@ class Knobs:
     candidate_tokens: int = 32  # MAX_NEW_TOKENS of those candidates
     eval_samples: int = 2  # answers per held-out prompt and policy
     held_out: int = 24  # held-out prompts
+    algorithm: str = Settings.model_fields["rl_algorithm"].default  # RL_ALGORITHM: the backend's default
+    group_size: int = Settings.model_fields["rl_group_size"].default  # samples per prompt of GRPO/RLOO
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         steps=16, batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-4, lora_rank=16,
         max_new_tokens=32, init_kl_coef=0.02, target_kl=4.0, stop_kl=4.0))
@@ -184,10 +188,11 @@ class Result:
     preference: str
     pairs: int
     rm_held_out_accuracy: float  # on pairs of the base policy's held-out answers
-    ppo_steps: int
-    seconds_per_update: float
-    rollout_tokens_per_s: float
-    final_train_kl: float  # the last PPO rollout's KL, nats per sequence
+    algorithm: str
+    ppo_steps: int  # RL steps whose updates the new policy holds
+    seconds_per_update: float  # GRPO/RLOO: per step, rollout included (trl times only whole steps)
+    rollout_tokens_per_s: float | None  # None for GRPO/RLOO
+    final_train_kl: float | None  # the last rollout's KL, nats per sequence; None if not measured
     held_out_kl: float  # KL(new || base) on held-out answers, nats per answer
     wins: int
     losses: int
@@ -231,13 +236,13 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
     rm_accuracy = held_out_accuracy(reward, eval_prompts, base_answers, preference)
     log.info("%s: %d pairs, reward model accuracy %.3f on held-out answer pairs", name, len(prompts), rm_accuracy)
-    # RL: PPO against the reward model, in units of the candidates the annotator saw
+    # RL against the reward model, in units of the candidates the annotator saw
     reward_fn = normalised_to_candidates(reward.score, dict(zip(train_prompts, candidates)))
     torch.manual_seed(knobs.ppo.seed)
-    new, stats = improve_policy("ppo", base, tokenizer, train_prompts, reward_fn, knobs.ppo)
-    log.info("%s: PPO done at %.0fs", name, time.perf_counter() - started)
-    update_seconds = [s.seconds - s.extra["rollout_seconds"] for s in stats]
-    rollout_tps = sum(s.extra["response_tokens"] for s in stats) / sum(s.extra["rollout_seconds"] for s in stats)
+    new, stats = improve_policy(knobs.algorithm, base, tokenizer, train_prompts, reward_fn, knobs.ppo,
+                                group_size=knobs.group_size)
+    log.info("%s: %s done at %.0fs", name, knobs.algorithm, time.perf_counter() - started)
+    seconds_per_update, rollout_tps = step_timings(stats)
     # evaluate on held-out prompts: new answers against the base policy's, by the hidden preference
     torch.manual_seed(knobs.ppo.seed + 1)
     _, new_answers, _ = sample(new, tokenizer, eval_prompts[::knobs.eval_samples], knobs.eval_samples,
@@ -248,9 +253,9 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
     published, reason = should_publish(kl, max_kl, reward_new, reward_base)
     return Result(
-        preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, ppo_steps=len(stats),
-        seconds_per_update=sum(update_seconds) / len(update_seconds), rollout_tokens_per_s=rollout_tps,
-        final_train_kl=stats[-1].kl, held_out_kl=kl, wins=t.wins, losses=t.losses, ties=t.ties,
+        preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, algorithm=knobs.algorithm,
+        ppo_steps=len(stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
+        final_train_kl=stats[-1].kl if stats else None, held_out_kl=kl, wins=t.wins, losses=t.losses, ties=t.ties,
         win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
         nll_base_answers=answer_nll(base, tokenizer, eval_prompts, base_answers),
         nll_new_answers=answer_nll(base, tokenizer, eval_prompts, new_answers),
@@ -259,6 +264,18 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,
         samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::knobs.eval_samples], new_answers[::knobs.eval_samples])][:6],
     )
+
+
+def step_timings(stats: list[StepStats]) -> tuple[float, float | None]:
+    """Mean seconds per update and rollout tokens/s. Only PPO times its rollouts apart from its
+    updates; for GRPO/RLOO the seconds are whole steps' and the tokens/s unknown."""
+    if not stats:
+        return math.nan, None
+    if "rollout_seconds" not in stats[0].extra:
+        return sum(s.seconds for s in stats) / len(stats), None
+    rollout_seconds = sum(s.extra["rollout_seconds"] for s in stats)
+    update_seconds = sum(s.seconds for s in stats) - rollout_seconds
+    return update_seconds / len(stats), sum(s.extra["response_tokens"] for s in stats) / rollout_seconds
 
 
 def mean_chars(answers: list[str]) -> float:
@@ -285,20 +302,25 @@ def held_out_accuracy(reward: RewardModel, prompts: list[str], answers: list[str
 
 
 def markdown(results: list[Result], generation_tps: float) -> str:
-    head = ("| preference | pairs | RM acc. | PPO steps | s / update | rollout tok/s | KL train (nats/seq) | "
+    head = ("| preference | pairs | RM acc. | algorithm, steps | s / update | rollout tok/s | KL train (nats/seq) | "
             "KL held-out (nats/ans) | win-rate (W/L/T) | p | NLL base -> new (nats/tok) | RM reward base -> new | "
             "chars base -> new | publish | peak RSS |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         rows.append(
-            f"| {r.preference} | {r.pairs} | {r.rm_held_out_accuracy:.2f} | {r.ppo_steps} | {r.seconds_per_update:.1f} | "
-            f"{r.rollout_tokens_per_s:.0f} | {r.final_train_kl:.2f} | {r.held_out_kl:.2f} | "
+            f"| {r.preference} | {r.pairs} | {r.rm_held_out_accuracy:.2f} | {r.algorithm}, {r.ppo_steps} | "
+            f"{r.seconds_per_update:.1f} | {optional(r.rollout_tokens_per_s, '.0f')} | "
+            f"{optional(r.final_train_kl, '.2f')} | {r.held_out_kl:.2f} | "
             f"{r.win_rate:.3f} ({r.wins}/{r.losses}/{r.ties}) | {r.p_value:.3g} | "
             f"{r.nll_base_answers:.2f} -> {r.nll_new_answers:.2f} ({r.nll_new_answers - r.nll_base_answers:+.2f}) | "
             f"{r.reward_base:.2f} -> {r.reward_new:.2f} | {r.chars_base:.0f} -> {r.chars_new:.0f} | {'yes' if r.published else 'no'} | {r.peak_rss_gb:.1f} GB |"
         )
     rows.append(f"\nBase policy generation (held-out answers): {generation_tps:.0f} tokens/s.")
     return "\n".join(rows)
+
+
+def optional(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def machine() -> str:
@@ -309,6 +331,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preferences", nargs="+", default=list(PREFERENCES), choices=list(PREFERENCES))
+    parser.add_argument("--algorithm", choices=ALGORITHMS, default=Knobs().algorithm, help="RL_ALGORITHM")
     parser.add_argument("--steps", type=int, default=Knobs().ppo.steps)
     parser.add_argument("--lr", type=float, default=Knobs().ppo.learning_rate)
     parser.add_argument("--kl-coef", type=float, default=Knobs().ppo.init_kl_coef)
@@ -333,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                        "lora_rank": args.lora_rank, "batch_size": args.batch_size, "stop_kl": args.stop_kl,
                        "ppo_epochs": args.ppo_epochs, "seed": args.seed,
                        "mini_batch_size": min(base_knobs.ppo.mini_batch_size, args.batch_size)})
-    knobs = Knobs(ppo=ppo, annotation=args.annotation)
+    knobs = Knobs(ppo=ppo, annotation=args.annotation, algorithm=args.algorithm)
     started = time.perf_counter()
 
     base, tokenizer = load_causal_lm(resolve_policy(DEFAULT_POLICY, ROOT / ".cache"))
@@ -363,9 +386,10 @@ def main(argv: list[str] | None = None) -> None:
                                       eval_prompts, base_answers, knobs, args.max_kl))
         log.info("%s", json.dumps(asdict(results[-1]), indent=1))
 
-    print(f"## PPO against simulated annotators ({len(held_out)} held-out prompts x {knobs.eval_samples} samples)\n")
+    print(f"## {knobs.algorithm} against simulated annotators ({len(held_out)} held-out prompts x "
+          f"{knobs.eval_samples} samples)\n")
     print(markdown(results, generation_tps))
-    print(f"\nPPO: {ppo}\nMachine: {machine()}. Total {time.perf_counter() - started:.0f}s.")
+    print(f"\n{knobs.algorithm}: {ppo}\nMachine: {machine()}. Total {time.perf_counter() - started:.0f}s.")
     if args.json:
         args.json.write_text(json.dumps({"ppo": asdict(ppo), "machine": machine(),
                                          "results": [asdict(r) for r in results]}, indent=1))

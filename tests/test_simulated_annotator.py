@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ppo_loop import PREFERENCES, Knobs, run_experiment, sample, split_prompts  # noqa: E402
+from ppo_loop import PREFERENCES, Knobs, run_experiment, sample, split_prompts, step_timings  # noqa: E402
 
 from backend.generation import sample_completions  # noqa: E402
 from backend.models import (  # noqa: E402
@@ -32,6 +32,7 @@ from backend.models import (  # noqa: E402
 )
 from backend.ppo import PPOConfig  # noqa: E402
 from backend.reward import TextEncoder  # noqa: E402
+from backend.rl import StepStats  # noqa: E402
 
 
 def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float, name: str = "contains_number"):
@@ -49,7 +50,7 @@ def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float,
 def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference(tiny_policy, tiny_encoder):
     # no KL penalty, 30 steps of 16: a random 2-layer policy moves little per step, and with 10 steps of
     # 8 whether it climbed at all changed from one PYTHONHASHSEED to the next
-    knobs = Knobs(candidates=4, candidate_tokens=12, eval_samples=4, held_out=24, ppo=PPOConfig(
+    knobs = Knobs(candidates=4, candidate_tokens=12, eval_samples=4, held_out=24, algorithm="ppo", ppo=PPOConfig(
         steps=30, batch_size=16, mini_batch_size=8, max_new_tokens=12, lora_rank=8, learning_rate=1e-2,
         init_kl_coef=0.0))
     # "shorter": a random tiny encoder cannot see digits, but the reward model's length feature sees length
@@ -57,6 +58,16 @@ def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference(tiny_
     assert result.pairs > 0
     assert result.reward_new > result.reward_base, result  # PPO climbed the reward model it was given
     assert result.win_rate > 0.5, result  # and so the hidden preference behind it
+
+
+def step(seconds: float, **extra: float) -> StepStats:
+    return StepStats(step=1, reward_mean=0.0, kl=0.0, entropy=None, seconds=seconds, eta_seconds=0.0, extra=extra)
+
+
+def test_bench_times_ppo_updates_apart_from_rollouts_and_trl_steps_whole():
+    ppo = [step(10.0, rollout_seconds=4.0, response_tokens=100), step(8.0, rollout_seconds=6.0, response_tokens=300)]
+    assert step_timings(ppo) == pytest.approx((4.0, 40.0))  # (6 + 2) / 2 s per update, 400 tokens in 10 s
+    assert step_timings([step(30.0), step(50.0)]) == (40.0, None)  # trl logs no rollout time
 
 
 @pytest.fixture
@@ -73,7 +84,7 @@ def one_thread():
 def test_ppo_on_smollm2_wins_by_the_hidden_preference_without_drifting_off(one_thread):
     # bench/ppo_loop.py's defaults (about 6 minutes on one core): 288 candidates ranked, 16 PPO steps
     result = experiment(resolve_policy(DEFAULT_POLICY, ROOT / ".cache"), resolve_encoder(DEFAULT_ENCODER),
-                        Knobs(), max_kl=12.0)
+                        Knobs(algorithm="ppo"), max_kl=12.0)
     assert result.win_rate > 0.5 and result.p_value < 0.05, result  # one-sided sign test over non-tied pairs
     assert result.nll_new_answers - result.nll_base_answers <= 0.5, result
     assert result.published, result
