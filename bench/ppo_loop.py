@@ -16,7 +16,8 @@ For each hidden preference:
 4. on held-out questions the new and the base policy each sample answers; the win-rate counts
    how often the preference favours the new answer (ties half), paired by question and sample.
 
-Run: `.venv/bin/python bench/ppo_loop.py` (about 4 minutes per preference on 2 cores; `--help` for the knobs).
+Run: `.venv/bin/python bench/ppo_loop.py` (about 4 minutes per preference on 2 cores with `--algorithm ppo`, longer
+with RLOO; `--help` for the knobs).
 """
 
 from __future__ import annotations
