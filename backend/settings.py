@@ -48,7 +48,7 @@ class Settings(BaseModel):
     ppo_min_rm_accuracy: float = Field(
         0.55, ge=0, le=1, description="No policy update while the reward model's held-out accuracy is below this")
     rl_algorithm: Literal["ppo", "grpo", "rloo"] = Field(
-        "rloo", description="RL algorithm: trl's RLOO, trl's GRPO, or our PPO (README: what each won)")
+        "ppo", description="RL algorithm: our PPO, or trl's GRPO/RLOO (README: what each won)")
     rl_group_size: int = Field(4, ge=2, le=64, description="Samples per prompt of GRPO/RLOO (PPO samples one)")
     ppo_steps: int = Field(16, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")
     ppo_batch_size: int = Field(8, ge=1, le=1024, description="Prompts per PPO rollout")

@@ -11,13 +11,13 @@ For each hidden preference:
 1. the base policy writes K candidates for each training question; the annotator ranks them by
    the preference (equal scores tie: one bucket, no pair), giving preference pairs;
 2. the default reward model (frozen MiniLM + Bradley-Terry head) is fitted on those pairs;
-3. the backend's RL algorithm (backend/rl.py: RLOO by default, `--algorithm ppo` for ours) trains
-   the policy against the reward model;
+3. the backend's RL algorithm (backend/rl.py: our PPO by default, `--algorithm rloo|grpo` for trl's)
+   trains the policy against the reward model;
 4. on held-out questions the new and the base policy each sample answers; the win-rate counts
    how often the preference favours the new answer (ties half), paired by question and sample.
 
-Run: `.venv/bin/python bench/ppo_loop.py` (about 4 minutes per preference on 2 cores with `--algorithm ppo`, longer
-with RLOO; `--help` for the knobs).
+Run: `.venv/bin/python bench/ppo_loop.py` (about 4 minutes per preference on 2 cores with PPO, about 6 and
+3x the memory with RLOO; `--help` for the knobs).
 """
 
 from __future__ import annotations

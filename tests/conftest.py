@@ -47,9 +47,6 @@ def tiny_env(tmp_path, tiny_policy, tiny_encoder) -> dict[str, str]:
         "PPO_TRIGGER_PAIRS": "6",
         "PPO_STEPS": "2",
         "PPO_BATCH_SIZE": "2",
-        # our PPO: one sample a prompt and no trl import keep the many worker tests fast; RLOO, the default,
-        # runs behind the same job in test_worker.py and on the real models in test_simulated_annotator_labelstudio.py
-        "RL_ALGORITHM": "ppo",
         # a random tiny reward model is no judge: the guard rails have tests of their own (test_worker.py)
         "PPO_MIN_RM_ACCURACY": "0",
         "PPO_REWARD_TOLERANCE": "1000",

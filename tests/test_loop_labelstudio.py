@@ -1,5 +1,5 @@
 """The whole loop against a real Label Studio 1.23: import -> candidates -> rankings -> pairs ->
-reward model -> RL (RLOO) -> new policy -> fresh candidates for the tasks nobody annotated."""
+reward model -> PPO -> new policy -> fresh candidates for the tasks nobody annotated."""
 
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ def candidate_versions(task: dict) -> set:
 def loop(tmp_path, tiny_env, label_studio, ls_client):
     """A project from templates/ranker.xml connected to a backend on the tiny models."""
     env = {**tiny_env, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN}
-    del env["RL_ALGORITHM"]  # the loop a user gets: the default algorithm
     backend = start_backend(env)
     project = ls_client.projects.create(title=f"rlhf-{tmp_path.name}", label_config=(ROOT / "templates/ranker.xml").read_text())
     ls_client.ml.create(project=project.id, url=backend.url, title="rlhf", is_interactive=True, auto_update=True)
@@ -80,13 +79,13 @@ def test_loop_runs_from_import_through_the_policy_update_to_fresh_candidates(loo
                       30, "6 pairs in the store")
     assert status["pairs"] == 6
 
-    # the reward model is refitted, RLOO (the default) runs and publishes policy v1
+    # the reward model is refitted, PPO runs and publishes policy v1
     status = wait_for(lambda: (s := requests.get(f"{backend.url}/status", timeout=5).json())["policy_versions"]
                       and s["policy_versions"][-1]["version"] >= 1 and s, 300, "policy v1")
     assert status["reward_versions"][-1]["version"] >= 1
     assert status["reward_versions"][-1]["pairs_seen"] == 6
     assert Path(status["policy_versions"][-1]["path"]).is_dir()
-    assert status["policy_versions"][-1]["metrics"]["algorithm"] == "rloo"
+    assert status["policy_versions"][-1]["metrics"]["algorithm"] == "ppo"
 
     # unannotated tasks get candidates from v1; annotated tasks keep what their annotator ranked
     annotated_ids = {t["id"] for t in annotated}

@@ -1,20 +1,21 @@
 """The whole loop in a real Label Studio on the real models, judged by a scripted annotator's hidden taste.
 
 A scripted annotator ranks the candidates SmolLM2 wrote into 36 tasks by a hidden preference;
-"Start training" runs the loop (sync -> reward model -> RL, the default RLOO -> guard rails -> policy v1).
-On 24 held-out questions the loop never saw (4 answers each), the new policy's answers must win by the
-hidden preference significantly more than half the time, and stay fluent: their NLL under the base policy
-at most 0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to
-one: "shorter", ranked with the plain ranker (two answers rarely have one length), and "more_sentences"
-(more finished sentences), which is not about length. Sentence counts tie in 4 of 10 candidate pairs, so
+"Start training" runs the loop (sync -> reward model -> PPO -> guard rails -> policy v1). On 24
+held-out questions the loop never saw (4 answers each), the new policy's answers must win by the hidden
+preference significantly more than half the time, and stay fluent: their NLL under the base policy at most
+0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to one:
+"shorter", ranked with the plain ranker (two answers rarely have one length), and "more_sentences"
+(more finished sentences), which is not about length: the base policy's answers and the new ones have
+about the same length in characters (printed). Sentence counts tie in 4 of 10 candidate pairs, so
 that annotator uses the bucket template, as a careful human would: most sentences -> Good, fewest ->
 Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42% of its pairs were
-then coin flips, and the guard rails refused three of five runs. "shorter" won with SEED 0, 1 and 2;
-"more_sentences" won within the NLL bound with SEED 0 and 1, not 2, and stays xfail, since another
-machine's arithmetic can pick another trajectory as a seed does (README, "Through a real Label Studio").
-Our PPO (`RL_ALGORITHM=ppo`) won "more_sentences" with SEED 0 only. bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a
-number" through this Label Studio loop won only 6/4/38 with PPO, so it is not asserted here.
-About 10 minutes per preference on 2 cores (much longer when other jobs share them).
+then coin flips, and the guard rails refused three of five runs. It is still marked xfail: it wins
+with the default seed, but not with two others (README, "Through a real Label Studio"; trl's RLOO won
+it with two seeds of three, and drifted further from the base policy's fluency).
+bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
+through this Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.
+About 3.5 minutes per preference on 2 cores (much longer when other jobs share them).
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def ranker_result(answers: list[dict], preference, annotation: str) -> dict:
 
 
 @pytest.mark.parametrize("hidden, annotation", [("shorter", "ranker"), pytest.param("more_sentences", "buckets", marks=(
-    pytest.mark.xfail(strict=False, reason="not reliable across seeds: SEED 0 wins 0.693 (50/13/33, NLL +0.03) and "
-                      "SEED 1 0.708 (NLL +0.34), but SEED 2's win of 0.651 raised the NLL +0.65; see the README")))])
+    pytest.mark.xfail(strict=False, reason="not reliable across seeds: SEED 0 wins 0.651 (42/13/41, p 6e-5), but with "
+                      "SEED 1 the guard saw the held-out reward fall and with SEED 2 the win was 0.552 (p 0.12); "
+                      "see the README")))])
 def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden, annotation, tmp_path, label_studio,
                                                                           ls_client):
     preference = PREFERENCES[hidden]
@@ -75,9 +77,7 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
     (model_dir / "base").symlink_to(ROOT / ".cache" / "base")  # the converted SmolLM2, shared with other tests
     resolve_policy(DEFAULT_POLICY, ROOT / ".cache")
     env = {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
-           "NUM_CANDIDATES": "8", "MAX_NEW_TOKENS": "32", "PPO_TRIGGER_PAIRS": "1000000",
-           # the README's runs: 1 thread is faster on 2 shared cores, and the thread count changes the sums' order
-           "TORCH_THREADS": "1"}
+           "NUM_CANDIDATES": "8", "MAX_NEW_TOKENS": "32", "PPO_TRIGGER_PAIRS": "1000000"}
     backend = start_backend(env, timeout=300)
     try:
         project = ls_client.projects.create(title=f"hidden preference: {hidden}",
