@@ -16,8 +16,8 @@ For each hidden preference:
 4. on held-out questions the new and the base policy each sample answers; the win-rate counts
    how often the preference favours the new answer (ties half), paired by question and sample.
 
-Run: `.venv/bin/python bench/ppo_loop.py` (about 4 minutes per preference on 2 cores with PPO, about 6 and
-3x the memory with RLOO; `--help` for the knobs).
+Run: `.venv/bin/python bench/ppo_loop.py` (about 4 minutes per preference on 2 cores with PPO, about 6 minutes
+and 3x the memory with RLOO; `--help` for the knobs).
 """
 
 from __future__ import annotations
