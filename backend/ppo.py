@@ -423,14 +423,6 @@ class PolicyWithValue(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A copy of the trained weights (LoRA adapters and value head: a few MB; every weight if lora_rank == 0)."""
-        return trainable_state(self)
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Put back weights saved by `trainable_state`."""
-        load_trainable_state(self, state)
-
     def merged_model(self) -> PreTrainedModel:
         """The policy as a plain causal LM: LoRA merged into the weights, value head dropped, frozen."""
         model = self.lm.merge_and_unload() if isinstance(self.lm, PeftModel) else self.lm
@@ -644,7 +636,7 @@ def train_ppo(
         # SmolLM2 drifting into incoherent text once KL ran away despite the penalty)
         drift = drift_reason(kl_per_sequence, rise, config.stop_kl, config.stop_nll_rise)
         if drift is not None and before_update is not None:
-            policy.load_trainable_state(before_update)
+            load_trainable_state(policy, before_update)
             stats.pop()  # that update is undone: stats describe the updates the returned policy holds
             log.warning("ppo stopped at step %d/%d: %s; kept the policy that sampled step %d",
                         step, config.steps, drift, step - 1)
@@ -655,7 +647,7 @@ def train_ppo(
         rollout_seconds = time.perf_counter() - step_start
         # optimise: clipped policy + value losses over mini-batches
         if config.stop_kl is not None or config.stop_nll_rise is not None:
-            before_update = policy.trainable_state()
+            before_update = trainable_state(policy)  # LoRA adapters and value head: a few MB
         for group in optimizer.param_groups:
             group["lr"] = warmup_learning_rate(config.learning_rate, step, config.warmup_steps)
         losses = ppo_update(policy, optimizer, rollout, config, generator)
