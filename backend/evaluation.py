@@ -132,32 +132,61 @@ def sampled_kl(new_model: PreTrainedModel, base_model: PreTrainedModel, tokenize
 # ----------------------------------------------------------------------------- guard rail
 
 
+# standard errors the held-out reward may fall by before it counts as a fall, not noise: the same
+# one-sided 2.5% the reward model's own publish check allows (backend/reward_training.py)
+REWARD_FALL_Z = 1.96
+
+
+def paired_prompt_difference(new: list[float], old: list[float], samples: int) -> tuple[float, float]:
+    """(mean, standard error) over prompts of a prompt's mean new score minus its mean old score.
+
+    Scores come in blocks of `samples` per prompt, as `sample_completions` returns answers. Prompts,
+    not answers, are the independent units: answers to one prompt share its difficulty. With a
+    single prompt there is no spread to measure, and the standard error is 0.
+    """
+    if len(new) != len(old) or samples < 1 or len(new) % samples:
+        raise ValueError(f"{len(new)} new and {len(old)} old scores with samples={samples}: pass "
+                         "equally many of each, `samples` consecutive scores per prompt")
+    if not new:
+        raise ValueError("no scores to compare: pass at least one prompt's scores")
+    diffs = [(sum(new[i:i + samples]) - sum(old[i:i + samples])) / samples for i in range(0, len(new), samples)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, 0.0
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
+
+
 @dataclass(frozen=True)
 class HeldOutComparison:
     kl: float  # KL(new || old), nats per answer, on answers the new policy sampled
     reward_new: float  # mean reward-model score of the new policy's answers
     reward_old: float  # ... and of the old policy's answers to the same prompts
     nll_rise: float  # NLL/token under the old policy: new answers minus the old policy's own answers
+    reward_se: float = 0.0  # standard error of reward_new - reward_old, paired by prompt
 
 
 def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                         prompts: list[str], reward_fn: Callable[[list[str], list[str]], list[float]], samples: int,
                         max_new_tokens: int,
                         seed: int) -> HeldOutComparison:
-    """Both policies answer the held-out prompts (same seed); KL, mean rewards and NLL rise, for `should_publish`."""
+    """Both policies answer the held-out prompts (same seed); KL, mean rewards (with the standard error of their
+    difference) and NLL rise, for `should_publish`."""
     answers = {}
     for name, model in (("new", new_model), ("old", old_model)):
         torch.manual_seed(seed)
         answers[name] = [a for group in sample_completions(model, tokenizer, prompts, samples, max_new_tokens)
                          for a in group]
     repeated = [p for p in prompts for _ in range(samples)]
+    rewards = {name: reward_fn(repeated, texts) for name, texts in answers.items()}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return HeldOutComparison(
         kl=sampled_kl(new_model, old_model, tokenizer, repeated, answers["new"]),
-        reward_new=mean(reward_fn(repeated, answers["new"])),
-        reward_old=mean(reward_fn(repeated, answers["old"])),
+        reward_new=mean(rewards["new"]),
+        reward_old=mean(rewards["old"]),
         nll_rise=(answer_nll(old_model, tokenizer, repeated, answers["new"])
                   - answer_nll(old_model, tokenizer, repeated, answers["old"])),
+        reward_se=paired_prompt_difference(rewards["new"], rewards["old"], samples)[1],
     )
 
 
@@ -168,6 +197,7 @@ def should_publish(
     held_out_reward_old: float,
     *,
     reward_tolerance: float = 0.0,
+    reward_se: float = 0.0,
     rm_accuracy: float | None = None,
     min_rm_accuracy: float | None = None,
     nll_rise: float | None = None,
@@ -176,7 +206,9 @@ def should_publish(
     """Whether a trained policy may replace the serving one, and why (one line).
 
     Refused when the policy drifted (final KL above `max_kl`), when its mean reward on held-out
-    prompts fell by more than `reward_tolerance` below the old policy's, or when the reward
+    prompts fell below the old policy's by more than `reward_tolerance` plus noise (`REWARD_FALL_Z`
+    standard errors `reward_se` of the difference: a few prompts' answers cannot tell a small gain
+    from a small loss, and refusing every noisy dip refuses real gains about as often as a coin), or when the reward
     model that judged it scores below `min_rm_accuracy` on held-out pairs (PPO then optimises
     noise), or when its answers lost fluency: their mean per-token NLL under the old policy rose by
     more than `max_nll_rise` nats over the old policy's own answers (KL per answer misses this when
@@ -186,9 +218,10 @@ def should_publish(
         return False, f"final KL is {final_kl}: the run diverged"
     if final_kl > max_kl:
         return False, f"final KL {final_kl:.3f} > PPO_MAX_KL {max_kl:.3f}: the policy drifted too far from the last one"
-    if held_out_reward_new < held_out_reward_old - reward_tolerance:
-        return False, (f"held-out reward fell from {held_out_reward_old:.4f} to {held_out_reward_new:.4f}"
-                       + (f" (tolerance {reward_tolerance:.4f})" if reward_tolerance else ""))
+    noise = REWARD_FALL_Z * reward_se
+    if held_out_reward_new < held_out_reward_old - reward_tolerance - noise:
+        allowed = f" (more than tolerance {reward_tolerance:.4f} + noise {noise:.4f})" if reward_tolerance or noise else ""
+        return False, f"held-out reward fell from {held_out_reward_old:.4f} to {held_out_reward_new:.4f}{allowed}"
     if nll_rise is not None and max_nll_rise is not None and nll_rise > max_nll_rise:
         return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f} nats/token "
                        f"> PPO_MAX_NLL_RISE {max_nll_rise:.3f}")
@@ -196,5 +229,6 @@ def should_publish(
         return False, (f"reward model held-out accuracy {rm_accuracy:.3f} < PPO_MIN_RM_ACCURACY "
                        f"{min_rm_accuracy:.3f}: its scores are too close to noise to train on")
     fluency = "" if nll_rise is None else f", NLL rise {nll_rise:+.3f} nats/token"
+    spread = f" (+-{reward_se:.4f})" if reward_se else ""
     return True, (f"KL {final_kl:.3f} <= {max_kl:.3f}, held-out reward {held_out_reward_old:.4f} -> "
-                  f"{held_out_reward_new:.4f}{fluency}")
+                  f"{held_out_reward_new:.4f}{spread}{fluency}")

@@ -66,7 +66,7 @@ class Settings(BaseModel):
     ppo_max_nll_rise: float = Field(
         0.5, gt=0, description="Publish no policy whose held-out answers' NLL under the serving one rose more (nats/token)")
     ppo_reward_tolerance: float = Field(
-        0.0, ge=0, description="How far held-out reward may fall below the serving policy's and still publish")
+        0.0, ge=0, description="How far held-out reward may fall below the serving policy's, beyond its noise, and still publish")
     lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of policy updates; 0 fine-tunes every weight")
 
     # --- serving ---

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 MAX_HELD_OUT_PROMPTS = 24  # enough to see a real drop in reward
 # answers per held-out prompt from each policy: with 6 prompts x 2, the NLL-rise guard read +0.39 on a
-# policy whose NLL rise 48 other held-out answers put at +0.90
-HELD_OUT_SAMPLES = 4
+# policy whose NLL rise 48 other held-out answers put at +0.90; with 6 x 4, +0.43 where 96 read +0.65
+HELD_OUT_SAMPLES = 8
 
 
 class Worker:
@@ -200,6 +200,7 @@ class Worker:
             rm = self.store.latest_version("reward")
             ok, reason = should_publish(comparison.kl, settings.ppo_max_kl, comparison.reward_new,
                                         comparison.reward_old, reward_tolerance=settings.ppo_reward_tolerance,
+                                        reward_se=comparison.reward_se,
                                         rm_accuracy=rm.metrics.get("held_out_accuracy") if rm else None,
                                         min_rm_accuracy=settings.ppo_min_rm_accuracy,
                                         nll_rise=comparison.nll_rise, max_nll_rise=settings.ppo_max_nll_rise)

@@ -40,7 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.evaluation import answer_nll, sampled_kl, should_publish, sign_test_p_value, tally  # noqa: E402
+from backend.evaluation import (  # noqa: E402
+    answer_nll,
+    paired_prompt_difference,
+    sampled_kl,
+    should_publish,
+    sign_test_p_value,
+    tally,
+)
 from backend.generation import sample_completions  # noqa: E402
 from backend.models import (  # noqa: E402
     DEFAULT_ENCODER,
@@ -249,10 +256,11 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     _, new_answers, _ = sample(new, tokenizer, eval_prompts[::knobs.eval_samples], knobs.eval_samples,
                                knobs.ppo.max_new_tokens)
     t = tally(new_answers, base_answers, preference)
-    reward_new = sum(reward.score(eval_prompts, new_answers)) / len(new_answers)
-    reward_base = sum(reward.score(eval_prompts, base_answers)) / len(base_answers)
+    rewards_new, rewards_base = reward.score(eval_prompts, new_answers), reward.score(eval_prompts, base_answers)
+    reward_new, reward_base = sum(rewards_new) / len(rewards_new), sum(rewards_base) / len(rewards_base)
+    _, reward_se = paired_prompt_difference(rewards_new, rewards_base, knobs.eval_samples)
     kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
-    published, reason = should_publish(kl, max_kl, reward_new, reward_base)
+    published, reason = should_publish(kl, max_kl, reward_new, reward_base, reward_se=reward_se)
     return Result(
         preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, algorithm=knobs.algorithm,
         ppo_steps=len(stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,

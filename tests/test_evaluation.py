@@ -15,6 +15,7 @@ from backend.evaluation import (
     Tally,
     answer_logprobs,
     answer_nll,
+    paired_prompt_difference,
     sampled_kl,
     should_publish,
     sign_test_p_value,
@@ -138,6 +139,30 @@ def test_should_publish_refuses_fallen_held_out_reward():
 def test_should_publish_tolerates_a_fall_within_tolerance():
     ok, _ = should_publish(1.0, 10.0, held_out_reward_new=0.25, held_out_reward_old=0.3, reward_tolerance=0.1)
     assert ok
+
+
+def test_should_publish_allows_a_fall_within_the_noise_of_the_held_out_answers_but_not_beyond():
+    # a fall of 0.1 with a standard error of 0.06: within 1.96 standard errors (0.1176)
+    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.2, held_out_reward_old=0.3, reward_se=0.06)
+    assert ok and "(+-0.0600)" in reason
+    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.2, held_out_reward_old=0.3, reward_se=0.05)
+    assert not ok and "held-out reward fell from 0.3000 to 0.2000 (more than tolerance 0.0000 + noise 0.0980)" in reason
+
+
+def test_paired_prompt_difference_averages_per_prompt_and_measures_the_spread_between_prompts():
+    # 3 prompts x 2 answers; per-prompt differences (new - old): (3+5)/2-(1+1)/2 = 3, 0 - 0 = 0, (2+2)/2-(2+0)/2 = 1
+    new, old = [3.0, 5.0, 0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 0.0, 0.0, 2.0, 0.0]
+    mean, se = paired_prompt_difference(new, old, samples=2)
+    assert mean == pytest.approx(4 / 3)
+    # sample variance of (3, 0, 1) around 4/3: (25/9 + 16/9 + 1/9) / 2 = 7/3; se = sqrt(7/3 / 3)
+    assert se == pytest.approx(math.sqrt(7 / 9))
+    assert paired_prompt_difference([2.0, 4.0], [1.0, 1.0], samples=2) == (2.0, 0.0)  # one prompt: no spread
+
+
+@pytest.mark.parametrize("new, old, samples", [([1.0, 2.0], [1.0], 1), ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], 2), ([], [], 1)])
+def test_paired_prompt_difference_rejects_scores_that_do_not_pair_up_by_prompt(new, old, samples):
+    with pytest.raises(ValueError, match="score"):
+        paired_prompt_difference(new, old, samples)
 
 
 def test_should_publish_refuses_reward_model_below_min_accuracy_but_not_unknown_accuracy():

@@ -99,6 +99,19 @@ def test_a_policy_past_the_guard_rails_is_not_published(tiny_env, monkeypatch, c
     assert not worker.store.has_active_job("regenerate")
 
 
+def test_a_held_out_reward_dip_within_its_noise_does_not_stop_a_policy(tiny_env, monkeypatch):
+    # the same fall of 1.0 that is refused above, now with a standard error of 1.0 between prompts
+    dip = HeldOutComparison(kl=0.5, reward_new=-1.0, reward_old=0.0, nll_rise=0.0, reward_se=1.0)
+    monkeypatch.setattr("backend.worker.compare_on_held_out", lambda *args, **kwargs: dip)
+    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_reward_tolerance=0.0, ppo_max_nll_rise=0.5)
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    latest = worker.store.latest_version("policy")
+    assert latest.version == 1 and latest.metrics["reward_se"] == 1.0
+    assert "(+-1.0000)" in latest.metrics["guard"]
+
+
 def test_a_run_whose_only_update_was_undone_publishes_nothing(tiny_env):
     # step 2's rollout passes the tiny stop KL, so PPO undoes step 1's update: the "new" policy is v0 again
     worker = make_worker(tiny_env, ppo_learning_rate=0.05, ppo_stop_kl=1e-6)
