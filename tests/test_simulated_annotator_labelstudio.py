@@ -6,8 +6,8 @@ held-out questions the loop never saw (4 answers each), the new policy's answers
 preference significantly more than half the time, and stay fluent: their NLL under the base policy at most
 0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to one:
 "shorter", ranked with the plain ranker (two answers rarely have one length), and "more_sentences"
-(more finished sentences), which is not about length: the base policy's answers and the new ones have
-about the same length in characters (printed). Sentence counts tie in 4 of 10 candidate pairs, so
+(more finished sentences), which is not about length: with SEED 0 the base policy's answers and the new
+ones both average 133 characters (printed; with SEED 4 the new ones were shorter). Sentence counts tie in 4 of 10 candidate pairs, so
 that annotator uses the bucket template, as a careful human would: most sentences -> Good, fewest ->
 Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42% of its pairs were
 then coin flips, and the guard rails refused three of five runs. A seed fixes the whole run, and this
