@@ -1,10 +1,10 @@
 """Reward model: (prompt, response) texts in, a scalar score out; preference pairs in, a new model out.
 
 Two tiers behind one interface (`score(prompts, responses) -> list[float]`, `save(dir)`, `version`):
-- `RewardModel`, the default: the sum of three linear Bradley-Terry heads, each over one view of the
+- `RewardModel`, the default: the sum of four linear Bradley-Terry heads, each over one view of the
   text: a frozen sentence encoder's (MiniLM) final-layer embeddings of the last human turn and the
-  response, its middle-layer embeddings of the response (both cached per text in the store), and
-  TF-IDF character n-grams of the response. Fitting them takes milliseconds (incremental) to seconds
+  response, its middle-layer embeddings of the response (both cached per text in the store),
+  TF-IDF character n-grams of the response, and counts of its structure (sentences, lines, words...). Fitting them takes milliseconds (incremental) to seconds
   (full refit), so the reward model follows the annotators within seconds of each ranking.
 - `FineTunedRewardModel`: any Hugging Face sequence-classification model with a scalar head,
   trained by trl's RewardTrainer (backend/reward_training.py); minutes per fit on CPU.
@@ -15,6 +15,7 @@ Both have their own tokenizer, so PPO calls them on decoded text, never on the p
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +311,34 @@ def ngram_diffs(vectorizer: TfidfVectorizer, chosen: list[str], rejected: list[s
     return (vectorizer.transform(chosen) - vectorizer.transform(rejected)).tocsr()
 
 
+# --- the structural view: what the other views cannot count ---
+# Embeddings are mean-pooled and n-gram vectors L2-normalised with sublinear tf, so none of them grows
+# with how often a thing occurs: a preference for more sentences reached 82% agreement on held-out
+# answers without this view and 99% with it (README, "Through a real Label Studio").
+COUNTED = {
+    "sentences": r"[.!?](?:\s|$)", "commas": r",", "lines": r"\n", "words": r"\b\w+\b", "digits": r"\d",
+    "questions": r"\?", "colons": r"[:;]", "list_items": r"(?m)^\s*(?:\d+[.)]|[-*])\s",
+}
+STRUCTURE_FEATURES = (*COUNTED, "ends_a_sentence")
+_COUNTED_RE = [re.compile(pattern) for pattern in COUNTED.values()]
+_ENDS_A_SENTENCE = re.compile(r"[.!?][\"')\]]*\s*$")
+
+
+def structure_features(responses: list[str]) -> np.ndarray:
+    """(N, len(STRUCTURE_FEATURES)): log(1 + count) of each `COUNTED` pattern, and 1.0 where the
+    response ends a sentence (an answer cut off at the token limit does not).
+
+    Log counts, so one weight means "each doubling is worth this much" for short and long answers alike.
+    """
+    rows = [[np.log1p(len(regex.findall(r))) for regex in _COUNTED_RE] + [float(bool(_ENDS_A_SENTENCE.search(r)))]
+            for r in responses]
+    return np.asarray(rows, dtype=np.float64).reshape(len(responses), len(STRUCTURE_FEATURES))
+
+
+def structure_diffs(chosen: list[str], rejected: list[str]) -> np.ndarray:
+    return structure_features(chosen) - structure_features(rejected)
+
+
 def score_margins(model, prompts: list[str], chosen: list[str], rejected: list[str]) -> np.ndarray:
     """(N,) score(chosen) - score(rejected) of either tier: positive where the model agrees with the pair."""
     return (np.asarray(model.score(prompts, chosen), dtype=np.float64)
@@ -333,9 +362,10 @@ def refit(model: RewardModel, prompts: list[str], chosen: list[str], rejected: l
     embedding_diffs, middle_diffs = model.pair_diffs(prompts, chosen, rejected)
     embedding, checked_embedding = LinearHead.fit(embedding_diffs, margin, prompts)
     middle, checked_middle = LinearHead.fit(middle_diffs, margin, prompts)
+    structure, checked_structure = LinearHead.fit(structure_diffs(chosen, rejected), margin, prompts)
     ngrams, checked_ngrams = NgramHead.fit(prompts, chosen, rejected, margin)
-    checked = [checked_embedding, checked_middle] + ([checked_ngrams] if ngrams is not None else [])
-    return model.replace(embedding=embedding, middle=middle, ngrams=ngrams,
+    checked = [checked_embedding, checked_middle, checked_structure] + ([checked_ngrams] if ngrams is not None else [])
+    return model.replace(embedding=embedding, middle=middle, ngrams=ngrams, structure=structure,
                          scale=calibrated_scale(checked, margin, prompts))
 
 
@@ -352,34 +382,42 @@ def refit_incrementally(model: RewardModel, prompts: list[str], chosen: list[str
     embedding = model.embedding.updated(embedding_diffs, margin, total_pairs, iters)
     middle = model.middle.updated(middle_diffs, margin, total_pairs, iters) if model.middle else None
     ngrams = model.ngrams.updated(chosen, rejected, margin, total_pairs, iters) if model.ngrams else None
-    return model.replace(embedding=embedding, middle=middle, ngrams=ngrams)
+    structure = (model.structure.updated(structure_diffs(chosen, rejected), margin, total_pairs, iters)
+                 if model.structure else None)
+    return model.replace(embedding=embedding, middle=middle, ngrams=ngrams, structure=structure)
 
 
 class RewardModel:
-    """The default tier: three Bradley-Terry heads, one per view of the text, their logits summed.
+    """The default tier: four Bradley-Terry heads, one per view of the text, their logits summed.
 
     - the embedding head (`embedding`): linear in `pair_features`, the encoder's final-layer view of
       the question and the response;
     - the middle head (`middle`): linear in the encoder's middle-layer view of the response;
-    - the n-gram head (`ngrams`): linear in TF-IDF character n-grams of the response.
+    - the n-gram head (`ngrams`): linear in TF-IDF character n-grams of the response;
+    - the structure head (`structure`): linear in `structure_features`, counts of the response's parts.
     Each head is fitted with its own tuned L2; the sum, times a `scale` calibrated on held-out pairs,
     beats each alone and every baseline (bench/reward_learning.py). The embedding head starts at
-    zero; `middle` and `ngrams` are None until the first fit.
+    zero; the others are None until the first fit.
     """
 
     tier = "head"
 
     def __init__(self, encoder: TextEncoder, embedding: LinearHead | None = None, version: int | None = None,
-                 middle: LinearHead | None = None, ngrams: NgramHead | None = None, scale: float = 1.0):
+                 middle: LinearHead | None = None, ngrams: NgramHead | None = None,
+                 structure: LinearHead | None = None, scale: float = 1.0):
         expected = num_features(encoder.dim)
         if embedding is not None and embedding.weights.shape != (expected,):
             raise ValueError(f"embedding head weights of shape {embedding.weights.shape} do not fit encoder "
                              f"{encoder.name!r}: expected ({expected},) = num_features({encoder.dim}); refit the head")
+        if structure is not None and structure.weights.shape != (len(STRUCTURE_FEATURES),):
+            raise ValueError(f"structure head weights of shape {structure.weights.shape} do not fit this version's "
+                             f"{len(STRUCTURE_FEATURES)} STRUCTURE_FEATURES; refit the head")
         self.encoder = encoder
         self.embedding = embedding or LinearHead(np.zeros(expected), DEFAULT_L2_PER_PAIR)
         self.version = version
         self.middle = middle
         self.ngrams = ngrams
+        self.structure = structure
         self.scale = scale
 
     def views(self, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -406,6 +444,8 @@ class RewardModel:
             scores = scores + middle @ self.middle.weights
         if self.ngrams is not None:
             scores = scores + self.ngrams.score(responses)
+        if self.structure is not None:
+            scores = scores + structure_features(responses) @ self.structure.weights
         return (self.scale * scores).tolist()
 
     def fit(self, prompts: list[str], chosen: list[str], rejected: list[str], margins: list[float]) -> FitResult:
@@ -425,13 +465,14 @@ class RewardModel:
     def replace(self, **changes) -> RewardModel:
         """A new model on the same encoder with some fields changed: fitting never mutates the served model."""
         fields = {"embedding": self.embedding, "version": None, "middle": self.middle, "ngrams": self.ngrams,
-                  "scale": self.scale}
+                  "structure": self.structure, "scale": self.scale}
         return RewardModel(self.encoder, **{**fields, **changes})
 
     def save(self, directory: Path) -> None:
         """Write every head atomically: a crash mid-write never leaves a broken version directory."""
         meta = {"tier": self.tier, "encoder": self.encoder.name, "dim": self.encoder.dim, "scale": self.scale}
-        heads = {"embedding": self.embedding, "middle": self.middle, "ngrams": self.ngrams}
+        heads = {"embedding": self.embedding, "middle": self.middle, "ngrams": self.ngrams,
+                 "structure": self.structure}
         with atomic_directory(directory) as staging:
             for name, head in heads.items():
                 if head is not None:
@@ -453,10 +494,11 @@ class RewardModel:
         else:  # saved before the embedding head was a LinearHead: torch weights, the L2 in meta.json
             embedding = LinearHead(torch.load(directory / "head.pt").double().numpy(),
                                    float(meta.get("l2_per_pair", DEFAULT_L2_PER_PAIR)))
-        # middle and ngrams are absent in versions saved before those heads existed
+        # middle, ngrams and structure are absent in versions saved before those heads existed
         return cls(encoder, embedding, version=version,
                    middle=LinearHead.from_json(read("middle")) if has("middle") else None,
                    ngrams=NgramHead.from_json(read("ngrams")) if has("ngrams") else None,
+                   structure=LinearHead.from_json(read("structure")) if has("structure") else None,
                    scale=float(meta.get("scale", 1.0)))
 
 

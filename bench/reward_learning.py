@@ -52,9 +52,23 @@ NAMES = {
     "head_emb": "ablation: the default RM's embedding head (final layer, question x response) alone",
     "head_middle": "ablation: the default RM's middle-layer head alone",
     "head_ngram": "ablation: the default RM's n-gram head alone",
+    "head_structure": "ablation: the default RM's structure head (counts of sentences, lines, words...) alone",
+    "no_structure": "ablation: the default RM without its structure head (the default until this version)",
     "rm_inc": "default RM, incremental (chunks of 10, replay 256, full refit every 10 updates)",
-    "rm": "**default RM (sum of the three heads), one refit on the training pairs**",
+    "rm": "**default RM (sum of the four heads), one refit on the training pairs**",
 }
+HEADS = ("embedding", "middle", "ngrams", "structure")
+
+
+def without(model: RewardModel, *heads: str) -> RewardModel:
+    """`model` with these heads removed (the embedding head zeroed: the model always has one).
+
+    Each head is fitted on its own, so the rest is the model fitted without them, up to its scale,
+    which leaves accuracy (the sign of the margin) unchanged."""
+    removed = {head: None for head in heads if head != "embedding"}
+    if "embedding" in heads:
+        removed["embedding"] = LinearHead(np.zeros_like(model.embedding.weights), 0.0)
+    return model.replace(**removed)
 
 
 def logistic_on_differences(train_diff, test_diff, C: float = 1.0) -> np.ndarray:
@@ -173,9 +187,10 @@ def main() -> None:
             fitted = fit_on(untrained, [pairs[i] for i in tr])
             times["fold_refit"].append(time.perf_counter() - mark)
             margins["rm"] = pair_margins(fitted, held)
-            margins["head_emb"] = pair_margins(fitted.replace(middle=None, ngrams=None), held)
-            margins["head_middle"] = pair_margins(fitted.replace(embedding=LinearHead(np.zeros_like(fitted.embedding.weights), 0.0), ngrams=None), held)
-            margins["head_ngram"] = margins["rm"] - margins["head_emb"] - margins["head_middle"]
+            for key, head in (("head_emb", "embedding"), ("head_middle", "middle"), ("head_ngram", "ngrams"),
+                              ("head_structure", "structure")):
+                margins[key] = pair_margins(without(fitted, *(h for h in HEADS if h != head)), held)
+            margins["no_structure"] = pair_margins(without(fitted, "structure"), held)
             for key, m in margins.items():
                 correct[key][repeat, te] = m > 0
             if repeat == 0:

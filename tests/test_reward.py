@@ -20,6 +20,9 @@ from backend.reward import (
     load_reward_model,
     num_features,
     ranking_confidence,
+    refit_incrementally,
+    structure_features,
+    STRUCTURE_FEATURES,
 )
 
 
@@ -132,6 +135,7 @@ def test_fit_tunes_l2_on_the_training_prompts_and_every_head_loads_back_scoring_
     assert loaded.embedding.l2_per_pair == model.embedding.l2_per_pair
     assert loaded.middle.l2_per_pair == model.middle.l2_per_pair
     assert loaded.ngrams.head.l2_per_pair == model.ngrams.head.l2_per_pair
+    assert loaded.structure.l2_per_pair == model.structure.l2_per_pair
     texts = ["the answer is 7", "I am sorry", "never seen before"]
     assert loaded.score(["q?"] * 3, texts) == pytest.approx(model.score(["q?"] * 3, texts), abs=1e-9)
 
@@ -158,9 +162,11 @@ def test_a_version_saved_before_the_middle_and_ngram_heads_existed_scores_with_i
     model.save(tmp_path / "v1")
     (tmp_path / "v1" / "ngrams.json").unlink()
     (tmp_path / "v1" / "middle.json").unlink()
+    (tmp_path / "v1" / "structure.json").unlink()
     old = load_reward_model(tmp_path / "v1", encoder)
-    assert (old.middle, old.ngrams) == (None, None)
-    assert old.score(["q"], ["yes 3"]) == pytest.approx(model.replace(middle=None, ngrams=None).score(["q"], ["yes 3"]))
+    assert (old.middle, old.ngrams, old.structure) == (None, None, None)
+    assert old.score(["q"], ["yes 3"]) == pytest.approx(
+        model.replace(middle=None, ngrams=None, structure=None).score(["q"], ["yes 3"]))
 
 
 def test_one_forward_pass_caches_both_views_of_a_text(encoder, store):
@@ -207,3 +213,42 @@ def test_scoring_reads_every_view_of_questions_and_answers_in_one_store_query(en
     monkeypatch.setattr(store, "get_embeddings", lambda keys: queries.append(keys) or real(keys))
     assert model.score(["q one?", "q two?"], ["an answer", "another answer"]) == pytest.approx(first)
     assert len(queries) == 1 and len(queries[0]) == 8  # 2 questions + 2 answers, each in 2 views
+
+
+def test_structure_features_are_log_counts_of_sentences_lines_and_words_and_whether_the_answer_ends_a_sentence():
+    counted = np.expm1(structure_features(["Mix it. Bake it, then rest!\n- Serve 2 hot?", "Cut off at the"]))
+    first, second = (dict(zip(STRUCTURE_FEATURES, row.round(6))) for row in counted)
+    assert (first["sentences"], first["commas"], first["lines"], first["words"], first["digits"]) == (3, 1, 1, 9, 1)
+    assert (first["questions"], first["list_items"]) == (1, 1)
+    assert first["ends_a_sentence"] == pytest.approx(math.e - 1) and second["ends_a_sentence"] == 0
+    assert (second["sentences"], second["words"]) == (0, 4)
+    assert structure_features([]).shape == (0, len(STRUCTURE_FEATURES))
+
+
+def sentence_pairs(n: int) -> tuple[list[str], list[str], list[str]]:
+    """The same words, chosen as finished sentences, rejected run together: only the count differs."""
+    steps = ["mix the flour", "add the water", "knead the dough", "let it rise", "bake it hot", "serve it warm"]
+    prompts, chosen, rejected = [], [], []
+    for i in range(n):
+        words = [steps[(i + k) % len(steps)] for k in range(2 + i % 3)]
+        prompts.append(f"how do I make bread {i}?")
+        chosen.append(". ".join(w.capitalize() for w in words) + ".")
+        rejected.append(" and ".join(words).capitalize() + ".")
+    return prompts, chosen, rejected
+
+
+def test_the_structure_head_learns_a_preference_for_more_sentences_and_is_updated_incrementally(encoder):
+    prompts, chosen, rejected = sentence_pairs(60)
+    fitted = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * 60).model
+    weights = dict(zip(STRUCTURE_FEATURES, fitted.structure.weights))
+    assert weights["sentences"] > 0
+    alone = fitted.replace(embedding=LinearHead(np.zeros_like(fitted.embedding.weights), 0.0), middle=None, ngrams=None)
+    unseen = ["Boil the eggs. Peel them. Eat them.", "Boil the eggs and peel them and eat them."]
+    assert np.diff(alone.score(["q?"] * 2, unseen))[0] < 0 and np.diff(fitted.score(["q?"] * 2, unseen))[0] < 0
+    moved = refit_incrementally(fitted, prompts[:5], rejected[:5], chosen[:5], np.zeros(5), total_pairs=65, iters=5)
+    assert not np.array_equal(moved.structure.weights, fitted.structure.weights)
+
+
+def test_structure_weights_of_another_length_are_refused_with_the_fix(encoder):
+    with pytest.raises(ValueError, match="STRUCTURE_FEATURES; refit the head"):
+        RewardModel(encoder, structure=LinearHead(np.zeros(len(STRUCTURE_FEATURES) - 1), 0.5))
