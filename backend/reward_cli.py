@@ -55,7 +55,7 @@ def _pairs(path: Path):
 @reward_app.command()
 def fit(pairs: Path = typer.Option(..., "--pairs", help="prompt/chosen/rejected JSONL"),
         out: Path = typer.Option(..., "--out", help="Directory to write the reward model to (replaced atomically)"),
-        tier: str = typer.Option("head", help="'head' (Bradley-Terry heads on frozen embeddings and n-grams) or 'finetune' (RewardTrainer)"),
+        tier: str = typer.Option("head", help="'head' (Bradley-Terry heads on frozen embeddings, n-grams and structure counts) or 'finetune' (RewardTrainer)"),
         cache: Path = typer.Option(None, help="SQLite file caching embeddings across runs; default: the backend's store")) -> None:
     """Fit a reward model on every pair of the file."""
     import torch

@@ -141,7 +141,7 @@ def should_publish(candidate: np.ndarray, serving: np.ndarray, z: float = 1.96) 
     return True, f"held-out pairs: {c} won, {b} lost against the serving model"
 
 
-# --- the default tier: two Bradley-Terry heads, on cached embeddings and on character n-grams ---
+# --- the default tier: four Bradley-Terry heads, on cached embeddings, character n-grams and structure counts ---
 def update_head(serving: RewardModel, train: Sequence[Pair], last_pair_id: int, trained_pairs: int,
                 updates_since_full: int, policy: UpdatePolicy, rng: random.Random,
                 force_full: bool = False) -> tuple[RewardModel, bool]:

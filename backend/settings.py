@@ -39,7 +39,7 @@ class Settings(BaseModel):
 
     # --- reward-model updates ---
     reward_tier: Literal["head", "finetune"] = Field(
-        "head", description="head: Bradley-Terry heads on frozen embeddings and n-grams (ms updates); finetune: RewardTrainer+LoRA (minutes)")
+        "head", description="head: Bradley-Terry heads on frozen embeddings, n-grams and structure counts (ms updates); finetune: RewardTrainer+LoRA (minutes)")
     reward_replay_pairs: int = Field(256, ge=0, description="Older pairs replayed beside the new ones in each reward update")
     reward_full_refit_every: int = Field(10, ge=1, description="Incremental reward updates between full refits of the heads")
 
