@@ -97,7 +97,7 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
                                          "value": {"ranker": ranker_result(task.data["answers"], preference, annotation)}}])
         ls_client.ml.train(id=ml.id)  # "Start training"
         status = wait_for_status(backend.url, lambda s: any(e["kind"] in ("policy", "policy_rejected", "job_failed")
-                                                            for e in s["events"]), 1500, "the policy update")
+                                                            for e in s["events"]), 2700, "the policy update")
         outcome = [e for e in status["events"] if e["kind"] in ("policy", "policy_rejected", "job_failed")][0]
         print("\n".join(f"{e['kind']}: {e['message']}" for e in status["events"]))  # shown when the test fails
         assert outcome["kind"] == "policy", outcome["message"]
