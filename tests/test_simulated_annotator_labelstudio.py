@@ -6,14 +6,14 @@ held-out questions the loop never saw (4 answers each), the new policy's answers
 preference significantly more than half the time, and stay fluent: their NLL under the base policy at most
 0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to one:
 "shorter", ranked with the plain ranker (two answers rarely have one length), and "more_sentences"
-(more finished sentences), which is not about length: with SEED 0 the base policy's answers and the new
-ones both average 133 characters (printed; with SEED 4 the new ones were shorter). Sentence counts tie in 4 of 10 candidate pairs, so
+(more finished sentences), which is not about length: with SEED 0 the new answers average 140
+characters against the base policy's 133 (printed). Sentence counts tie in 4 of 10 candidate pairs, so
 that annotator uses the bucket template, as a careful human would: most sentences -> Good, fewest ->
 Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42% of its pairs were
 then coin flips, and the guard rails refused three of five runs. A seed fixes the whole run, and this
 one runs with the default SEED 0; "shorter" also wins with SEED 1 and 2. "more_sentences" is marked
-xfail: it wins with SEED 0, 1 and 4 but not significantly with SEED 2 and 3, so PPO learns it 3 times
-in 5 (README, "Through a real Label Studio"; trl's RLOO wins it more often and drifts further from
+xfail: it wins with SEED 0, 2 and 3, but with SEED 1 the guard rails refuse the policy for fluency
+(README, "Through a real Label Studio"; trl's RLOO wins it more often and drifts further from
 the base policy's fluency).
 bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
 through this Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.
@@ -67,9 +67,9 @@ def ranker_result(answers: list[dict], preference, annotation: str) -> dict:
 
 
 @pytest.mark.parametrize("hidden, annotation", [("shorter", "ranker"), pytest.param("more_sentences", "buckets", marks=(
-    pytest.mark.xfail(strict=False, reason="wins with SEED 0, 1 and 4 but not significantly with SEED 2 and 3 (README): "
-                      "any change to the RL path re-draws the run as if from another seed, so asserting it would "
-                      "fail 2 times in 5 for reasons unrelated to the change")))])
+    pytest.mark.xfail(strict=False, reason="wins with SEED 0, 2 and 3; with SEED 1 the guard rails refuse the policy "
+                      "for fluency (NLL rise 0.62; README): any change to the RL path re-draws the run as if from "
+                      "another seed, so asserting it would fail about 1 time in 4 for reasons unrelated to the change")))])
 def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden, annotation, tmp_path, label_studio,
                                                                           ls_client):
     preference = PREFERENCES[hidden]
