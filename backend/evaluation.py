@@ -135,6 +135,10 @@ def sampled_kl(new_model: PreTrainedModel, base_model: PreTrainedModel, tokenize
 # standard errors the held-out reward may fall by before it counts as a fall, not noise: the same
 # one-sided 2.5% the reward model's own publish check allows (backend/reward_training.py)
 REWARD_FALL_Z = 1.96
+# standard errors added to the held-out NLL rise before it is compared with its bound: fluency must be
+# shown (one-sided 5%), not merely not refuted. A point estimate on 6 prompts x 8 answers read +0.16
+# on a policy whose rise 96 other answers put at +0.60 (README)
+NLL_RISE_Z = 1.64
 
 
 def paired_prompt_difference(new: list[float], old: list[float], samples: int) -> tuple[float, float]:
@@ -164,6 +168,7 @@ class HeldOutComparison:
     reward_old: float  # ... and of the old policy's answers to the same prompts
     nll_rise: float  # NLL/token under the old policy: new answers minus the old policy's own answers
     reward_se: float = 0.0  # standard error of reward_new - reward_old, paired by prompt
+    nll_rise_se: float = 0.0  # standard error of nll_rise, paired by prompt
 
 
 def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -179,14 +184,18 @@ def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, 
                          for a in group]
     repeated = [p for p in prompts for _ in range(samples)]
     rewards = {name: reward_fn(repeated, texts) for name, texts in answers.items()}
+    # the old policy's NLL of each answer: pooled over tokens for the rise, per answer for its spread
+    nll = {name: answer_logprobs(old_model, tokenizer, repeated, texts) for name, texts in answers.items()}
+    per_answer = {name: (-sums / counts.clamp(min=1)).tolist() for name, (sums, counts) in nll.items()}
+    pooled = {name: float(-sums.sum() / counts.sum().clamp(min=1)) for name, (sums, counts) in nll.items()}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return HeldOutComparison(
         kl=sampled_kl(new_model, old_model, tokenizer, repeated, answers["new"]),
         reward_new=mean(rewards["new"]),
         reward_old=mean(rewards["old"]),
-        nll_rise=(answer_nll(old_model, tokenizer, repeated, answers["new"])
-                  - answer_nll(old_model, tokenizer, repeated, answers["old"])),
+        nll_rise=pooled["new"] - pooled["old"],
         reward_se=paired_prompt_difference(rewards["new"], rewards["old"], samples)[1],
+        nll_rise_se=paired_prompt_difference(per_answer["new"], per_answer["old"], samples)[1],
     )
 
 
@@ -202,6 +211,7 @@ def should_publish(
     min_rm_accuracy: float | None = None,
     nll_rise: float | None = None,
     max_nll_rise: float | None = None,
+    nll_rise_se: float = 0.0,
 ) -> tuple[bool, str]:
     """Whether a trained policy may replace the serving one, and why (one line).
 
@@ -210,9 +220,12 @@ def should_publish(
     standard errors `reward_se` of the difference: a few prompts' answers cannot tell a small gain
     from a small loss, and refusing every noisy dip refuses real gains about as often as a coin), or when the reward
     model that judged it scores below `min_rm_accuracy` on held-out pairs (PPO then optimises
-    noise), or when its answers lost fluency: their mean per-token NLL under the old policy rose by
-    more than `max_nll_rise` nats over the old policy's own answers (KL per answer misses this when
-    the new answers are short). An unknown accuracy (None: no held-out pairs yet) does not block.
+    noise), or when its answers may have lost fluency: their mean per-token NLL under the old policy
+    rose, plus `NLL_RISE_Z` standard errors `nll_rise_se`, by more than `max_nll_rise` nats over the
+    old policy's own answers (KL per answer misses this when the new answers are short). The noise
+    counts against the new policy here and for it in the reward check: a policy must show it stayed
+    fluent, and need only not show it got worse. An unknown accuracy (None: no held-out pairs yet)
+    does not block.
     """
     if not math.isfinite(final_kl):
         return False, f"final KL is {final_kl}: the run diverged"
@@ -222,13 +235,15 @@ def should_publish(
     if held_out_reward_new < held_out_reward_old - reward_tolerance - noise:
         allowed = f" (more than tolerance {reward_tolerance:.4f} + noise {noise:.4f})" if reward_tolerance or noise else ""
         return False, f"held-out reward fell from {held_out_reward_old:.4f} to {held_out_reward_new:.4f}{allowed}"
-    if nll_rise is not None and max_nll_rise is not None and nll_rise > max_nll_rise:
-        return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f} nats/token "
-                       f"> PPO_MAX_NLL_RISE {max_nll_rise:.3f}")
+    if nll_rise is not None and max_nll_rise is not None and nll_rise + NLL_RISE_Z * nll_rise_se > max_nll_rise:
+        noise = f" + noise {NLL_RISE_Z * nll_rise_se:.3f}" if nll_rise_se else ""
+        return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f}{noise} "
+                       f"nats/token > PPO_MAX_NLL_RISE {max_nll_rise:.3f}")
     if rm_accuracy is not None and min_rm_accuracy is not None and rm_accuracy < min_rm_accuracy:
         return False, (f"reward model held-out accuracy {rm_accuracy:.3f} < PPO_MIN_RM_ACCURACY "
                        f"{min_rm_accuracy:.3f}: its scores are too close to noise to train on")
-    fluency = "" if nll_rise is None else f", NLL rise {nll_rise:+.3f} nats/token"
+    fluency_spread = f" (+-{nll_rise_se:.3f})" if nll_rise_se else ""
+    fluency = "" if nll_rise is None else f", NLL rise {nll_rise:+.3f}{fluency_spread} nats/token"
     spread = f" (+-{reward_se:.4f})" if reward_se else ""
     return True, (f"KL {final_kl:.3f} <= {max_kl:.3f}, held-out reward {held_out_reward_old:.4f} -> "
                   f"{held_out_reward_new:.4f}{spread}{fluency}")

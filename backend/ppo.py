@@ -81,6 +81,10 @@ class PPOConfig:
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     # --- KL penalty to the reference policy ---
     init_kl_coef: float = 0.1  # starting KL coefficient beta
+    # weight of the per-token fluency penalty: the reference's surprise at each sampled token beyond its
+    # entropy there (`excess_surprise`). KL alone lets the policy move mass into the reference's long tail
+    # cheaply: a little KL, a large rise in the reference's NLL of the text (README); 0 = off
+    fluency_coef: float = 0.0
     target_kl: float = 1.0  # per-sequence KL (nats) the adaptive controller steers towards
     kl_horizon: int = 10000  # controller horizon (in sequences): larger = slower beta changes
     stop_kl: float | None = None  # stop once a rollout's KL (nats per sequence) exceeds this; None = never
@@ -111,6 +115,7 @@ class PPOConfig:
             ("cliprange_value", self.cliprange_value > 0, "a float > 0, e.g. 0.2"),
             ("vf_coef", self.vf_coef >= 0, "a float >= 0, e.g. 0.1"),
             ("init_kl_coef", self.init_kl_coef >= 0, "a float >= 0, e.g. 0.1"),
+            ("fluency_coef", self.fluency_coef >= 0, "a float >= 0 (0 = off), e.g. 0.05"),
             ("target_kl", self.target_kl > 0, "a float > 0 (nats per sequence), e.g. 1.0"),
             ("kl_horizon", self.kl_horizon > 0, "an integer > 0, e.g. 10000"),
             ("stop_kl", self.stop_kl is None or self.stop_kl > 0, "None or a float > 0 (nats per sequence)"),
@@ -172,6 +177,21 @@ def kl_penalized_rewards(
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (B,) index of the last 1 in each row
     rewards[torch.arange(len(scores)), last] += scores
     return rewards, kl
+
+
+def excess_surprise(
+    ref_logprobs: torch.Tensor,  # (B, R) log pi_ref(token) of the sampled tokens
+    ref_entropy: torch.Tensor,  # (B, R) entropy of pi_ref at each of those positions, nats
+    mask: torch.Tensor,  # (B, R) 1 on real response tokens
+) -> torch.Tensor:
+    """(B, R) the reference's surprise at each sampled token beyond what it expects there: -log pi_ref - H(pi_ref).
+
+    Its mean is 0 on the reference's own samples, and over a policy's samples it estimates how much
+    more NLL per token the reference assigns them than its own answers get: the fluency drift that
+    the README measured while the KL stayed small. 0 where mask is 0.
+    """
+    _check_same_shape(ref_logprobs=ref_logprobs, ref_entropy=ref_entropy, mask=mask)
+    return (-ref_logprobs - ref_entropy) * mask
 
 
 def compute_gae(
@@ -464,6 +484,7 @@ class PPOStepStats:
     kl_coef: float  # the KL coefficient this step's rewards used
     ref_nll: float  # mean NLL per response token of the sampled text under the reference, nats
     nll_rise: float | None  # ref_nll minus the reference's own on the same prompts; None without stop_nll_rise
+    excess_surprise: float  # mean per token of `excess_surprise`, nats: about 0 while the text stays fluent
     entropy: float  # mean per-token entropy of the sampling distribution, nats
     policy_loss: float  # mean over mini-batch updates
     value_loss: float  # mean over mini-batch updates
@@ -528,14 +549,16 @@ def score_responses(reward_fn: RewardFn, prompts: list[str], responses: list[str
 def evaluate_rollout(
     policy: PolicyWithValue, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probs, values and entropies under the sampling policy, and log-probs under the reference: each (B, R)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs, values and entropies under the sampling policy, and log-probs and entropies under the
+    reference: each (B, R)."""
     tokens = sequences[:, -response_len:]  # (B, R)
     logits, values = policy(sequences, attention_mask)  # (B, P + R, V), (B, P + R)
     logits = response_slice(logits, response_len)  # (B, R, V)
     ref_logits = response_slice(policy.reference_logits(sequences, attention_mask), response_len)  # (B, R, V)
     return (token_logprobs(logits, tokens, temperature), response_slice(values, response_len).float(),
-            entropy_from_logits(logits, temperature), token_logprobs(ref_logits, tokens, temperature))
+            entropy_from_logits(logits, temperature), token_logprobs(ref_logits, tokens, temperature),
+            entropy_from_logits(ref_logits, temperature))
 
 
 @torch.no_grad()
@@ -615,10 +638,12 @@ def train_ppo(
         sequences, attention_mask, mask, responses = sample_responses(policy.lm, tokenizer, batch, config)
         scores = score_responses(reward_fn, batch, responses).to(sequences.device)  # (B,)
         # evaluate: log-probs and values at sampling time, log-probs under the reference
-        logprobs, values, entropy, ref_logprobs = evaluate_rollout(
+        logprobs, values, entropy, ref_logprobs, ref_entropy = evaluate_rollout(
             policy, sequences, attention_mask, mask.shape[1], config.temperature)
-        # reward: the score at the last real token minus the per-token KL penalty
+        # reward: the score at the last real token minus the per-token KL and fluency penalties
         rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_controller.value)
+        surprise = excess_surprise(ref_logprobs, ref_entropy, mask)  # (B, R)
+        rewards = rewards - config.fluency_coef * surprise
         kl_coef, kl_per_sequence = kl_controller.value, kl.sum(-1).mean().item()
         ref_nll = -masked_mean(ref_logprobs, mask).item()
         # fluency: the reference's NLL of this rollout against its own answers to the same prompts. Step 1
@@ -657,7 +682,7 @@ def train_ppo(
         now = time.perf_counter()
         stats.append(PPOStepStats(
             step=step, reward_mean=scores.mean().item(), kl=kl_per_sequence, kl_coef=kl_coef, ref_nll=ref_nll,
-            nll_rise=rise,
+            nll_rise=rise, excess_surprise=masked_mean(surprise, mask).item(),
             entropy=masked_mean(entropy, mask).item(), **losses, seconds=now - step_start,
             eta_seconds=(now - started) / step * (config.steps - step), rollout_seconds=rollout_seconds,
             response_tokens=int(mask.sum()),
@@ -670,9 +695,10 @@ def train_ppo(
 
 def _log_step(s: PPOStepStats, steps: int) -> None:
     log.info(
-        "ppo step %d/%d: reward %.4f kl %.4f (coef %.4f) ref_nll %.3f (rise %s) entropy %.3f policy_loss %.4f "
+        "ppo step %d/%d: reward %.4f kl %.4f (coef %.4f) ref_nll %.3f (rise %s, surprise %+.3f) entropy %.3f "
+        "policy_loss %.4f "
         "value_loss %.4f clipfrac %.3f | rollout %.1fs update %.1fs eta %.0fs",
         s.step, steps, s.reward_mean, s.kl, s.kl_coef, s.ref_nll, "n/a" if s.nll_rise is None else f"{s.nll_rise:+.3f}",
-        s.entropy, s.policy_loss, s.value_loss,
+        s.excess_surprise, s.entropy, s.policy_loss, s.value_loss,
         s.clipfrac, s.rollout_seconds, s.seconds - s.rollout_seconds, s.eta_seconds,
     )

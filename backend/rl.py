@@ -14,7 +14,7 @@ max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as be
 epsilon), and stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
 trl's RLOO ran to a KL of 17.5 nats in 16 steps, README). It does one optimisation pass per rollout and
 has no value head or adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value,
-vf_coef, target_kl and stop_nll_rise are PPO's alone.
+vf_coef, target_kl, fluency_coef and stop_nll_rise are PPO's alone.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def normalised_to_candidates(reward_fn: RewardFn, candidates: dict[str, list[str
 
 
 def from_ppo(s: PPOStepStats) -> StepStats:
-    extra = {"kl_coef": s.kl_coef, "ref_nll": s.ref_nll, "policy_loss": s.policy_loss, "value_loss": s.value_loss,
+    extra = {"kl_coef": s.kl_coef, "ref_nll": s.ref_nll, "excess_surprise": s.excess_surprise, "policy_loss": s.policy_loss, "value_loss": s.value_loss,
              "clipfrac": s.clipfrac, "rollout_seconds": s.rollout_seconds, "response_tokens": s.response_tokens}
     if s.nll_rise is not None:
         extra["nll_rise"] = s.nll_rise

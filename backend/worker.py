@@ -203,7 +203,8 @@ class Worker:
                                         reward_se=comparison.reward_se,
                                         rm_accuracy=rm.metrics.get("held_out_accuracy") if rm else None,
                                         min_rm_accuracy=settings.ppo_min_rm_accuracy,
-                                        nll_rise=comparison.nll_rise, max_nll_rise=settings.ppo_max_nll_rise)
+                                        nll_rise=comparison.nll_rise, max_nll_rise=settings.ppo_max_nll_rise,
+                                        nll_rise_se=comparison.nll_rise_se)
             metrics.update(asdict(comparison), guard=reason)
             if not ok:
                 self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "
@@ -260,7 +261,8 @@ def ppo_config(settings: Settings) -> PPOConfig:
         steps=settings.ppo_steps, batch_size=batch, mini_batch_size=batch // 2 if batch % 2 == 0 else batch,
         learning_rate=settings.ppo_learning_rate, warmup_steps=settings.ppo_warmup_steps,
         max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature, init_kl_coef=settings.ppo_init_kl_coef, target_kl=settings.ppo_target_kl,
+        temperature=settings.temperature, init_kl_coef=settings.ppo_init_kl_coef,
+        fluency_coef=settings.ppo_fluency_coef, target_kl=settings.ppo_target_kl,
         stop_kl=settings.ppo_stop_kl, stop_nll_rise=settings.ppo_stop_nll_rise, lora_rank=settings.lora_rank,
         seed=settings.seed,
     )

@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=Knobs().ppo.max_new_tokens)
     parser.add_argument("--lora-rank", type=int, default=Knobs().ppo.lora_rank)
     parser.add_argument("--batch-size", type=int, default=Knobs().ppo.batch_size)
+    parser.add_argument("--fluency-coef", type=float, default=Knobs().ppo.fluency_coef)
     parser.add_argument("--stop-kl", type=float, default=Knobs().ppo.stop_kl)
     parser.add_argument("--max-kl", type=float, default=12.0, help="PPO_MAX_KL of the guard rail, nats per answer")
     parser.add_argument("--threads", type=int, default=2)
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     ppo = PPOConfig(**{**asdict(base_knobs.ppo), "steps": args.steps, "learning_rate": args.lr,
                        "init_kl_coef": args.kl_coef, "max_new_tokens": args.max_new_tokens,
                        "lora_rank": args.lora_rank, "batch_size": args.batch_size, "stop_kl": args.stop_kl,
+                       "fluency_coef": args.fluency_coef,
                        "ppo_epochs": args.ppo_epochs, "seed": args.seed,
                        "mini_batch_size": min(base_knobs.ppo.mini_batch_size, args.batch_size)})
     knobs = Knobs(ppo=ppo, annotation=args.annotation, algorithm=args.algorithm)

@@ -15,6 +15,7 @@ from backend.evaluation import (
     Tally,
     answer_logprobs,
     answer_nll,
+    compare_on_held_out,
     paired_prompt_difference,
     sampled_kl,
     should_publish,
@@ -180,3 +181,27 @@ def test_should_publish_refuses_answers_whose_nll_rose_past_the_bound():
     ok, reason = should_publish(1.0, 10.0, 0.5, 0.1, nll_rise=0.7, max_nll_rise=0.5)
     assert not ok and "PPO_MAX_NLL_RISE" in reason
     assert should_publish(1.0, 10.0, 0.5, 0.1, nll_rise=0.4, max_nll_rise=0.5)[0]
+
+
+def test_should_publish_counts_the_noise_of_the_nll_rise_against_the_new_policy():
+    # 0.40 + 1.64 * 0.10 = 0.564 > 0.5: within the bound as a point estimate, but not shown to be
+    ok, reason = should_publish(1.0, 10.0, 0.5, 0.1, nll_rise=0.4, max_nll_rise=0.5, nll_rise_se=0.1)
+    assert not ok and "rose 0.400 + noise 0.164 nats/token > PPO_MAX_NLL_RISE 0.500" in reason
+    ok, reason = should_publish(1.0, 10.0, 0.5, 0.1, nll_rise=0.2, max_nll_rise=0.5, nll_rise_se=0.1)
+    assert ok and "NLL rise +0.200 (+-0.100)" in reason
+
+
+def test_compare_on_held_out_measures_the_nll_rise_of_the_new_answers_and_its_spread_over_prompts(tiny_policy):
+    old, tokenizer = load_causal_lm(str(tiny_policy))
+    new, _ = load_causal_lm(str(tiny_policy))
+    with torch.no_grad():
+        new.model.norm.weight.mul_(5.0)  # a sharper policy: answers the old one finds less likely
+    prompts = ["Tell me a joke.", "Name a number.", "What is the capital of France?"]
+
+    def length(prompts, answers):
+        return [float(len(a)) for a in answers]
+
+    same = compare_on_held_out(old, old, tokenizer, prompts, length, samples=2, max_new_tokens=6, seed=0)
+    assert (same.kl, same.nll_rise, same.nll_rise_se, same.reward_se) == (0.0, 0.0, 0.0, 0.0)
+    other = compare_on_held_out(new, old, tokenizer, prompts, length, samples=2, max_new_tokens=6, seed=0)
+    assert other.nll_rise != 0.0 and other.nll_rise_se > 0.0

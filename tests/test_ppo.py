@@ -3,6 +3,7 @@ updates of a tiny random Llama (a second or two each on CPU)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -23,6 +24,7 @@ from backend.ppo import (  # noqa: E402
     PPOConfig,
     compute_gae,
     drift_reason,
+    excess_surprise,
     warmup_learning_rate,
     nll_rise,
     prompt_nll,
@@ -68,6 +70,17 @@ def test_kl_penalized_rewards_places_score_at_last_real_token():
     # -0.1 * kl everywhere, + score at index 2 (row 0) and index 1 (row 1, its last real token)
     assert rewards[0].tolist() == pytest.approx([-0.05, 0.0, 2.0])
     assert rewards[1].tolist() == pytest.approx([0.0, -0.1 - 1.0, 0.0])
+
+
+def test_excess_surprise_is_the_references_surprise_beyond_its_entropy():
+    # the reference puts [0.5, 0.25, 0.25] on three tokens: entropy 1.0397; surprise of the first 0.6931,
+    # of the others 1.3863
+    entropy = -(0.5 * math.log(0.5) + 0.5 * math.log(0.25))
+    ref_logprobs = T([[math.log(0.5), math.log(0.25), math.log(0.25)]])
+    out = excess_surprise(ref_logprobs, T([[entropy] * 3]), T([[1, 1, 0]]))
+    assert out.tolist()[0] == pytest.approx([math.log(2) - entropy, math.log(4) - entropy, 0.0], abs=1e-5)
+    # on the reference's own samples it is 0 on average: 0.5 * (0.6931 - H) + 0.5 * (1.3863 - H) = 0
+    assert 0.5 * out[0, 0].item() + 0.5 * out[0, 1].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_compute_gae_matches_hand_computation_on_1x3():
@@ -178,6 +191,7 @@ def test_prompt_batches_cycle_through_every_prompt():
         ({"temperature": 0.0}, r"PPOConfig.temperature=0.0 is invalid: set it to a float > 0"),
         ({"lora_rank": -1}, r"PPOConfig.lora_rank=-1 is invalid"),
         ({"lam": 1.5}, r"PPOConfig.lam=1.5 is invalid: set it to a float in \[0, 1\]"),
+        ({"fluency_coef": -0.1}, r"PPOConfig.fluency_coef=-0.1 is invalid: set it to a float >= 0 \(0 = off\)"),
     ],
 )
 def test_config_validation_names_field_value_and_fix(kwargs, message):
@@ -290,6 +304,26 @@ def test_train_ppo_stop_nll_rise_ends_the_run_at_the_first_rollout_past_the_boun
     assert [s.step for s in stopped] == [s.step for s in free[:first_past - 1]]
     assert [s.nll_rise for s in stopped] == pytest.approx(rises[:first_past - 1])
     assert "the reference's NLL of the rollout rose" in caplog.text
+
+
+def test_train_ppo_fluency_coef_holds_back_drift_into_text_the_reference_finds_unlikely(tiny):
+    # a random tiny model is near uniform, so no token surprises it; sharpened, it has likely and unlikely tokens
+    model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)
+
+    def reference_nll(prompts, responses):  # rewards exactly the drift the fluency penalty resists
+        sums, counts = answer_logprobs(model, tokenizer, prompts, responses)
+        return [float(-s / max(int(c), 1)) for s, c in zip(sums, counts)]
+
+    config = PPOConfig(steps=6, batch_size=4, mini_batch_size=2, max_new_tokens=8, lora_rank=0,
+                       learning_rate=1e-2, init_kl_coef=0.0)
+    surprise = {}
+    for coef in (0.0, 2.0):
+        _, stats = train_ppo(model, tokenizer, PROMPTS, reference_nll, replace(config, fluency_coef=coef))
+        surprise[coef] = sum(s.excess_surprise for s in stats[2:]) / len(stats[2:])
+    assert surprise[0.0] > 0.1  # unchecked, the policy learns to write what the reference would not
+    assert surprise[2.0] < surprise[0.0] - 0.5  # penalised, it keeps to tokens the reference expects
 
 
 def test_train_ppo_step_stats_report_rollout_time_and_tokens(tiny):
