@@ -184,10 +184,11 @@ def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, 
                          for a in group]
     repeated = [p for p in prompts for _ in range(samples)]
     rewards = {name: reward_fn(repeated, texts) for name, texts in answers.items()}
-    # the old policy's NLL of each answer: pooled over tokens for the rise, per answer for its spread
-    nll = {name: answer_logprobs(old_model, tokenizer, repeated, texts) for name, texts in answers.items()}
-    per_answer = {name: (-sums / counts.clamp(min=1)).tolist() for name, (sums, counts) in nll.items()}
-    pooled = {name: float(-sums.sum() / counts.sum().clamp(min=1)) for name, (sums, counts) in nll.items()}
+    # the old policy's NLL per token, pooled over every answer for the rise and over each prompt's for its spread
+    logprobs = {name: answer_logprobs(old_model, tokenizer, repeated, texts) for name, texts in answers.items()}
+    pooled = {name: float(-sums.sum() / counts.sum().clamp(min=1)) for name, (sums, counts) in logprobs.items()}
+    per_prompt = {name: (-sums.view(-1, samples).sum(-1) / counts.view(-1, samples).sum(-1).clamp(min=1)).tolist()
+                  for name, (sums, counts) in logprobs.items()}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return HeldOutComparison(
         kl=sampled_kl(new_model, old_model, tokenizer, repeated, answers["new"]),
@@ -195,7 +196,7 @@ def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, 
         reward_old=mean(rewards["old"]),
         nll_rise=pooled["new"] - pooled["old"],
         reward_se=paired_prompt_difference(rewards["new"], rewards["old"], samples)[1],
-        nll_rise_se=paired_prompt_difference(per_answer["new"], per_answer["old"], samples)[1],
+        nll_rise_se=paired_prompt_difference(per_prompt["new"], per_prompt["old"], samples=1)[1],
     )
 
 
