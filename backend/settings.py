@@ -57,7 +57,7 @@ class Settings(BaseModel):
     ppo_init_kl_coef: float = Field(
         0.02, ge=0, description="Initial KL penalty coefficient to the previous policy (rewards in units of the candidates' spread)")
     ppo_fluency_coef: float = Field(
-        0.0, ge=0, description="Per-token penalty on the previous policy's surprise at a sampled token beyond its entropy there (0 = off)")
+        0.03, ge=0, description="Per-token penalty on the previous policy's surprise at a sampled token beyond its entropy there (0 = off)")
     ppo_target_kl: float = Field(4.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
     ppo_stop_kl: float = Field(
         4.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")

@@ -188,7 +188,8 @@ class Knobs:
     group_size: int = Settings.model_fields["rl_group_size"].default  # samples per prompt of GRPO/RLOO
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         steps=16, batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-4, lora_rank=16,
-        max_new_tokens=32, init_kl_coef=0.02, target_kl=4.0, stop_kl=4.0))
+        max_new_tokens=32, init_kl_coef=0.02, target_kl=4.0, stop_kl=4.0,
+        fluency_coef=Settings.model_fields["ppo_fluency_coef"].default))
 
 
 @dataclass

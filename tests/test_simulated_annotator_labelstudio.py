@@ -11,10 +11,9 @@ characters against the base policy's 133 (printed). Sentence counts tie in 4 of 
 that annotator uses the bucket template, as a careful human would: most sentences -> Good, fewest ->
 Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42% of its pairs were
 then coin flips, and the guard rails refused three of five runs. A seed fixes the whole run, and this
-one runs with the default SEED 0; "shorter" also wins with SEED 1 and 2. "more_sentences" is marked
-xfail: it wins with SEED 0, 2 and 3; with SEED 1 the guard rails refuse the policy for fluency, and
-with SEED 4 it wins but drifts past the NLL bound (README, "Through a real Label Studio"; trl's RLOO
-wins it more often and drifts further from the base policy's fluency).
+one runs with the default SEED 0; "shorter" also wins with SEED 1 and 2, "more_sentences" with SEED 0
+to 4. Before PPO's fluency penalty (PPO_FLUENCY_COEF) it failed with 2 seeds of 5, both on fluency,
+and was marked xfail (README, "Through a real Label Studio").
 bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
 through this Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.
 About 3.5 minutes per preference on 2 cores (much longer when other jobs share them).
@@ -66,11 +65,7 @@ def ranker_result(answers: list[dict], preference, annotation: str) -> dict:
     return {"rank": [candidate_id for tier in tiers for candidate_id in tier]}
 
 
-@pytest.mark.parametrize("hidden, annotation", [("shorter", "ranker"), pytest.param("more_sentences", "buckets", marks=(
-    pytest.mark.xfail(strict=False, reason="wins with SEED 0, 2 and 3; with SEED 1 the guard rails refuse the policy "
-                      "for fluency (NLL rise 0.62), with SEED 4 it wins 0.693 but its NLL rises 0.60 (README): any "
-                      "change to the RL path re-draws the run as if from another seed, so asserting it would fail "
-                      "about 2 times in 5 for reasons unrelated to the change")))])
+@pytest.mark.parametrize("hidden, annotation", [("shorter", "ranker"), ("more_sentences", "buckets")])
 def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden, annotation, tmp_path, label_studio,
                                                                           ls_client):
     preference = PREFERENCES[hidden]
