@@ -11,7 +11,9 @@ after 1.12 and its version fed policy token ids to the reward model (shared/mode
 Each step:
 1. sample responses to `batch_size` prompts from the current policy;
 2. score the decoded text with `reward_fn` (the reward model has its own tokenizer);
-3. reward = score at the last response token - kl_coef * (log pi - log pi_ref) at every token;
+3. reward = score at the last response token - kl_coef * (log pi - log pi_ref) at every token
+   - fluency_coef * (-log pi_ref - H(pi_ref)), the reference's surprise beyond its entropy there
+   (our addition: the KL term lets NLL drift at little KL, see `excess_surprise`);
 4. advantages by GAE over a value head on the policy's last hidden state;
 5. `ppo_epochs` passes of clipped policy + value losses over shuffled mini-batches;
 6. move kl_coef towards `target_kl` (Ziegler et al. 2019, section 2.2).
