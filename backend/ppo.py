@@ -117,7 +117,7 @@ class PPOConfig:
             ("cliprange_value", self.cliprange_value > 0, "a float > 0, e.g. 0.2"),
             ("vf_coef", self.vf_coef >= 0, "a float >= 0, e.g. 0.1"),
             ("init_kl_coef", self.init_kl_coef >= 0, "a float >= 0, e.g. 0.1"),
-            ("fluency_coef", self.fluency_coef >= 0, "a float >= 0 (0 = off), e.g. 0.05"),
+            ("fluency_coef", self.fluency_coef >= 0, "a float >= 0 (0 = off), e.g. 0.03"),
             ("target_kl", self.target_kl > 0, "a float > 0 (nats per sequence), e.g. 1.0"),
             ("kl_horizon", self.kl_horizon > 0, "an integer > 0, e.g. 10000"),
             ("stop_kl", self.stop_kl is None or self.stop_kl > 0, "None or a float > 0 (nats per sequence)"),
@@ -188,9 +188,9 @@ def excess_surprise(
 ) -> torch.Tensor:
     """(B, R) the reference's surprise at each sampled token beyond what it expects there: -log pi_ref - H(pi_ref).
 
-    Its mean is 0 on the reference's own samples, and over a policy's samples it estimates how much
-    more NLL per token the reference assigns them than its own answers get: the fluency drift that
-    the README measured while the KL stayed small. 0 where mask is 0.
+    Its mean is 0 on the reference's own samples; over a policy's samples it is how much more NLL per
+    token the reference gives them than it expects of its own answers in the same contexts: the
+    fluency drift the README measured while the KL stayed small. 0 where mask is 0.
     """
     _check_same_shape(ref_logprobs=ref_logprobs, ref_entropy=ref_entropy, mask=mask)
     return (-ref_logprobs - ref_entropy) * mask
@@ -698,8 +698,7 @@ def train_ppo(
 def _log_step(s: PPOStepStats, steps: int) -> None:
     log.info(
         "ppo step %d/%d: reward %.4f kl %.4f (coef %.4f) ref_nll %.3f (rise %s, surprise %+.3f) entropy %.3f "
-        "policy_loss %.4f "
-        "value_loss %.4f clipfrac %.3f | rollout %.1fs update %.1fs eta %.0fs",
+        "policy_loss %.4f value_loss %.4f clipfrac %.3f | rollout %.1fs update %.1fs eta %.0fs",
         s.step, steps, s.reward_mean, s.kl, s.kl_coef, s.ref_nll, "n/a" if s.nll_rise is None else f"{s.nll_rise:+.3f}",
         s.excess_surprise, s.entropy, s.policy_loss, s.value_loss,
         s.clipfrac, s.rollout_seconds, s.seconds - s.rollout_seconds, s.eta_seconds,

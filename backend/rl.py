@@ -124,8 +124,8 @@ def normalised_to_candidates(reward_fn: RewardFn, candidates: dict[str, list[str
 
 
 def from_ppo(s: PPOStepStats) -> StepStats:
-    extra = {"kl_coef": s.kl_coef, "ref_nll": s.ref_nll, "excess_surprise": s.excess_surprise, "policy_loss": s.policy_loss, "value_loss": s.value_loss,
-             "clipfrac": s.clipfrac, "rollout_seconds": s.rollout_seconds, "response_tokens": s.response_tokens}
+    extra = {"kl_coef": s.kl_coef, "ref_nll": s.ref_nll, "excess_surprise": s.excess_surprise,
+             "policy_loss": s.policy_loss, "value_loss": s.value_loss, "clipfrac": s.clipfrac, "rollout_seconds": s.rollout_seconds, "response_tokens": s.response_tokens}
     if s.nll_rise is not None:
         extra["nll_rise"] = s.nll_rise
     return StepStats(step=s.step, reward_mean=s.reward_mean, kl=s.kl, entropy=s.entropy, seconds=s.seconds,
