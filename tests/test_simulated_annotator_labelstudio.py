@@ -11,7 +11,7 @@ characters against the base policy's 133 (printed). Sentence counts tie in 4 of 
 that annotator uses the bucket template, as a careful human would: most sentences -> Good, fewest ->
 Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42% of its pairs were
 then coin flips, and the guard rails refused three of five runs. A seed fixes the whole run, and this
-one runs with the default SEED 0; "shorter" also wins with SEED 1 and 2, "more_sentences" with SEED 0
+one runs with the default SEED 0; "shorter" also wins with SEED 1 and 2, "more_sentences" with SEED 1
 to 4. Before PPO's fluency penalty (PPO_FLUENCY_COEF) it failed with 2 seeds of 5, both on fluency,
 and was marked xfail (README, "Through a real Label Studio").
 bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
