@@ -237,8 +237,8 @@ def should_publish(
         allowed = f" (more than tolerance {reward_tolerance:.4f} + noise {noise:.4f})" if reward_tolerance or noise else ""
         return False, f"held-out reward fell from {held_out_reward_old:.4f} to {held_out_reward_new:.4f}{allowed}"
     if nll_rise is not None and max_nll_rise is not None and nll_rise + NLL_RISE_Z * nll_rise_se > max_nll_rise:
-        noise = f" + noise {NLL_RISE_Z * nll_rise_se:.3f}" if nll_rise_se else ""
-        return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f}{noise} "
+        fluency_noise = f" + noise {NLL_RISE_Z * nll_rise_se:.3f}" if nll_rise_se else ""
+        return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f}{fluency_noise} "
                        f"nats/token > PPO_MAX_NLL_RISE {max_nll_rise:.3f}")
     if rm_accuracy is not None and min_rm_accuracy is not None and rm_accuracy < min_rm_accuracy:
         return False, (f"reward model held-out accuracy {rm_accuracy:.3f} < PPO_MIN_RM_ACCURACY "
