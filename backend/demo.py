@@ -9,6 +9,7 @@ prints every stage as the backend reports it, and leaves both servers up until C
 from __future__ import annotations
 
 import re
+import signal
 import time
 
 import requests
@@ -90,9 +91,12 @@ def run_demo(settings: Settings, ls_port: int, backend_port: int) -> None:
     ls = start_label_studio(data_dir, ls_port) if data_dir.exists() else migrated_label_studio(data_dir, ls_port)
     env = settings_env(settings.model_copy(update={"label_studio_url": ls.url, "label_studio_api_key": TOKEN,
                                                    "model_dir": state}))
-    print(f"== starting the backend on http://127.0.0.1:{backend_port}")
-    backend = start_backend(env, port=backend_port, log=state / "backend.log")
+    backend = None
+    # SIGTERM ends the demo like Ctrl-C does, so both servers are stopped whichever way it is ended
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        print(f"== starting the backend on http://127.0.0.1:{backend_port}")
+        backend = start_backend(env, port=backend_port, log=state / "backend.log")
         client = LabelStudio(base_url=ls.url, api_key=TOKEN)
         config = (ROOT / "templates" / "ranker.xml").read_text()
         schema = parse_ranking_schema(config)
@@ -129,5 +133,10 @@ def run_demo(settings: Settings, ls_port: int, backend_port: int) -> None:
     except KeyboardInterrupt:
         print("\n== stopping")
     finally:
-        backend.stop()
+        if backend is not None:
+            backend.stop()
         ls.stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

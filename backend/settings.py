@@ -113,5 +113,9 @@ def _one_line(exc: ValidationError) -> str:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that `load_settings` turns back into these settings (for child processes)."""
-    return {name.upper(): str(value) for name, value in settings.model_dump().items()}
+    """The environment that `load_settings` turns back into these settings (for child processes).
+
+    A setting that is None (unset, optional) is left out: `str(None)` would hand the child the
+    string 'None', which its validation refuses.
+    """
+    return {name.upper(): str(value) for name, value in settings.model_dump().items() if value is not None}

@@ -23,6 +23,16 @@ def test_bad_value_is_one_line_naming_variable_and_value(name, value):
     assert name in message and repr(value) in message and "\n" not in message
 
 
+def test_settings_env_round_trips_defaults_and_set_optionals():
+    from backend.settings import settings_env
+
+    defaults = load_settings({})
+    assert defaults.ppo_stop_nll_rise is None
+    assert load_settings(settings_env(defaults)) == defaults
+    tuned = load_settings({"PPO_STOP_NLL_RISE": "0.3", "SEED": "4"})
+    assert load_settings(settings_env(tuned)) == tuned
+
+
 def test_basic_auth_needs_user_and_password_together():
     with pytest.raises(SettingsError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
         load_settings({"BASIC_AUTH_USER": "ls"})
