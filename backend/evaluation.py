@@ -5,7 +5,7 @@ In:  answers of a new and a base policy to the same held-out prompts, a preferen
 Out: the win-rate of the new answers, the sign-test p-value of that win, the mean per-token
      NLL of answers under a model (how far text strays from what the base policy would write),
      the KL between two policies estimated on sampled answers, and `should_publish`, the guard
-     rail that keeps a run that drifted off or got worse from serving candidates.
+     rail that lets only a policy shown better on held-out prompts serve candidates.
 """
 
 from __future__ import annotations
@@ -132,9 +132,13 @@ def sampled_kl(new_model: PreTrainedModel, base_model: PreTrainedModel, tokenize
 # ----------------------------------------------------------------------------- guard rail
 
 
-# standard errors the held-out reward may fall by before it counts as a fall, not noise: the same
-# one-sided 2.5% the reward model's own publish check allows (backend/reward_training.py)
-REWARD_FALL_Z = 1.96
+# standard errors by which the held-out reward must rise before the rise counts as a gain, not noise
+# (one-sided 5%): a new policy is published because it is shown better, not because it is not shown
+# worse. A "not worse" rule published a policy that lost 0.25 to the base policy on the annotator's
+# own taste (issue 15); a noisy dip is a reason to keep serving the policy annotators already trust.
+REWARD_GAIN_Z = 1.64
+# fewer held-out prompts than this cannot show a gain: the standard error between prompts is unknown
+MIN_HELD_OUT_PROMPTS = 3
 # standard errors added to the held-out NLL rise before it is compared with its bound: fluency must be
 # shown (one-sided 5%), not merely not refuted. A point estimate on 6 prompts x 8 answers read +0.16
 # on a policy whose rise 96 other answers put at +0.60 (README)
@@ -206,7 +210,7 @@ def should_publish(
     held_out_reward_new: float,
     held_out_reward_old: float,
     *,
-    reward_tolerance: float = 0.0,
+    min_reward_gain: float = 0.0,
     reward_se: float = 0.0,
     rm_accuracy: float | None = None,
     min_rm_accuracy: float | None = None,
@@ -216,26 +220,26 @@ def should_publish(
 ) -> tuple[bool, str]:
     """Whether a trained policy may replace the serving one, and why (one line).
 
-    Refused when the policy drifted (final KL above `max_kl`), when its mean reward on held-out
-    prompts fell below the old policy's by more than `reward_tolerance` plus noise (`REWARD_FALL_Z`
-    standard errors `reward_se` of the difference: a few prompts' answers cannot tell a small gain
-    from a small loss, and refusing every noisy dip refuses real gains about as often as a coin), or when the reward
-    model that judged it scores below `min_rm_accuracy` on held-out pairs (PPO then optimises
-    noise), or when its answers may have lost fluency: their mean per-token NLL under the old policy
-    rose, plus `NLL_RISE_Z` standard errors `nll_rise_se`, by more than `max_nll_rise` nats over the
-    old policy's own answers (KL per answer misses this when the new answers are short). The noise
-    counts against the new policy here and for it in the reward check: a policy must show it stayed
-    fluent, and need only not show it got worse. An unknown accuracy (None: no held-out pairs yet)
-    does not block.
+    Published only when it is shown better and stayed close and fluent. Refused when the policy
+    drifted (final KL above `max_kl`); when its mean reward on held-out prompts did not rise above
+    the old policy's by more than `min_reward_gain` plus noise (`REWARD_GAIN_Z` standard errors
+    `reward_se` of the paired difference); when its answers may have lost fluency: their mean
+    per-token NLL under the old policy rose, plus `NLL_RISE_Z` standard errors `nll_rise_se`, by
+    more than `max_nll_rise` nats over the old policy's own answers (KL per answer misses this when
+    the new answers are short); or when the reward model that judged it scores below
+    `min_rm_accuracy` on held-out pairs (the gain it sees is then noise). The noise counts against
+    the new policy in both checks: a gain and fluency must be shown, not merely not refuted. An
+    unknown accuracy (None: no held-out pairs yet) does not block. A negative `min_reward_gain`
+    lets a policy through whose reward fell that far (experiments only: it publishes non-gains).
     """
     if not math.isfinite(final_kl):
         return False, f"final KL is {final_kl}: the run diverged"
     if final_kl > max_kl:
         return False, f"final KL {final_kl:.3f} > PPO_MAX_KL {max_kl:.3f}: the policy drifted too far from the last one"
-    noise = REWARD_FALL_Z * reward_se
-    if held_out_reward_new < held_out_reward_old - reward_tolerance - noise:
-        allowed = f" (more than tolerance {reward_tolerance:.4f} + noise {noise:.4f})" if reward_tolerance or noise else ""
-        return False, f"held-out reward fell from {held_out_reward_old:.4f} to {held_out_reward_new:.4f}{allowed}"
+    gain, noise = held_out_reward_new - held_out_reward_old, REWARD_GAIN_Z * reward_se
+    if gain - noise <= min_reward_gain:
+        return False, (f"no gain shown: held-out reward {held_out_reward_old:.4f} -> {held_out_reward_new:.4f} "
+                       f"(gain {gain:+.4f} - noise {noise:.4f} <= PPO_MIN_REWARD_GAIN {min_reward_gain:.4f})")
     if nll_rise is not None and max_nll_rise is not None and nll_rise + NLL_RISE_Z * nll_rise_se > max_nll_rise:
         fluency_noise = f" + noise {NLL_RISE_Z * nll_rise_se:.3f}" if nll_rise_se else ""
         return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f}{fluency_noise} "

@@ -67,8 +67,8 @@ class Settings(BaseModel):
         12.0, gt=0, description="Publish no policy whose held-out KL to the serving one exceeds this (nats/answer)")
     ppo_max_nll_rise: float = Field(
         0.5, gt=0, description="Publish no policy whose held-out answers' NLL under the serving one rose more (nats/token)")
-    ppo_reward_tolerance: float = Field(
-        0.0, ge=0, description="How far held-out reward may fall below the serving policy's, beyond its noise, and still publish")
+    ppo_min_reward_gain: float = Field(
+        0.0, description="Publish a policy only if its held-out reward rose by more than this beyond 1.64 standard errors (negative: experiments only)")
     lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of policy updates; 0 fine-tunes every weight")
 
     # --- serving ---

@@ -453,6 +453,11 @@ class Store:
         with self.session() as s:
             s.add(EventRow(kind=kind, message=message, data=json.loads(json.dumps(data, default=str))))
 
+    def last_event_data(self, kind: str) -> dict | None:
+        """The data of the newest event of `kind`, or None if there is none."""
+        with self.session() as s:
+            return s.scalar(select(EventRow.data).where(EventRow.kind == kind).order_by(EventRow.id.desc()).limit(1))
+
     def events(self, after_id: int = 0, limit: int = 100) -> list[dict]:
         with self.session() as s:
             rows = s.scalars(select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id).limit(limit))

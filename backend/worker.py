@@ -22,7 +22,7 @@ from dataclasses import asdict
 import torch
 
 from backend import labelstudio
-from backend.evaluation import compare_on_held_out, should_publish
+from backend.evaluation import MIN_HELD_OUT_PROMPTS, compare_on_held_out, should_publish
 from backend.generation import generate_candidates
 from backend.labelconfig import RankingSchema, parse_ranking_schema
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
@@ -146,8 +146,7 @@ class Worker:
 
     def queue_policy_update_if_due(self, project_id: int | None) -> None:
         """Queue PPO once enough new human signal has arrived and the reward model is worth training on."""
-        latest = self.store.latest_version("policy")
-        new_pairs = self.store.pair_count(after_id=latest.metrics.get("last_pair_id", 0) if latest else 0)
+        new_pairs = self.store.pair_count(after_id=self.last_attempt_pair_id())
         if new_pairs < self.settings.ppo_trigger_pairs or self.store.has_active_job("train_policy"):
             return
         reward = self.store.latest_version("reward")
@@ -159,6 +158,13 @@ class Worker:
         self.store.enqueue("train_policy", project_id)
         self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: {self.settings.rl_algorithm} queued")
 
+    def last_attempt_pair_id(self) -> int:
+        """The newest pair the last policy update saw, published or refused: the next one waits for
+        PPO_TRIGGER_PAIRS pairs after it, so a refused run is not retried on the same signal."""
+        latest = self.store.latest_version("policy")
+        refused = self.store.last_event_data("policy_rejected") or {}
+        return max(latest.metrics.get("last_pair_id", 0) if latest else 0, refused.get("last_pair_id", 0))
+
     # --- policy ---
     def train_policy(self, job: Job) -> None:
         """Reward model + project prompts -> RL -> a new policy version, published only past the guard rails."""
@@ -169,6 +175,11 @@ class Worker:
         train_prompts, held_out = split_held_out(list(shown))
         if not train_prompts:
             raise ValueError("no training prompts: import prompts into the project before training")
+        if len(held_out) < MIN_HELD_OUT_PROMPTS:  # no gain could be shown: do not spend minutes training
+            self.store.log_event("policy_rejected", f"no policy update: {len(held_out)} of {len(shown)} prompts are "
+                                 f"held out, {MIN_HELD_OUT_PROMPTS} are needed to show a gain; import more prompts",
+                                 last_pair_id=last_pair_id)
+            return
         self.refit_reward_fully()
         reward = self.registry.reward_model()
         model, tokenizer = load_causal_lm(serving.path)  # a private copy: training must not touch the serving model
@@ -192,26 +203,23 @@ class Worker:
                                  "the first update already drifted past PPO_STOP_KL / PPO_STOP_NLL_RISE and was "
                                  "undone", **metrics)
             return
-        # guard rails: held-out prompts PPO never saw judge whether the new policy may serve
-        if held_out:
-            comparison = compare_on_held_out(trained, model, tokenizer, held_out, reward.score,
-                                             samples=HELD_OUT_SAMPLES, max_new_tokens=settings.max_new_tokens,
-                                             seed=settings.seed)
-            rm = self.store.latest_version("reward")
-            ok, reason = should_publish(comparison.kl, settings.ppo_max_kl, comparison.reward_new,
-                                        comparison.reward_old, reward_tolerance=settings.ppo_reward_tolerance,
-                                        reward_se=comparison.reward_se,
-                                        rm_accuracy=rm.metrics.get("held_out_accuracy") if rm else None,
-                                        min_rm_accuracy=settings.ppo_min_rm_accuracy,
-                                        nll_rise=comparison.nll_rise, max_nll_rise=settings.ppo_max_nll_rise,
-                                        nll_rise_se=comparison.nll_rise_se)
-            metrics.update(asdict(comparison), guard=reason)
-            if not ok:
-                self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "
-                                     f"{reason}", **metrics)
-                return
-        else:
-            metrics["guard"] = "no held-out prompts yet: published unchecked"
+        # guard rails: held-out prompts the update never saw judge whether the new policy may serve
+        comparison = compare_on_held_out(trained, model, tokenizer, held_out, reward.score,
+                                         samples=HELD_OUT_SAMPLES, max_new_tokens=settings.max_new_tokens,
+                                         seed=settings.seed)
+        rm = self.store.latest_version("reward")
+        ok, reason = should_publish(comparison.kl, settings.ppo_max_kl, comparison.reward_new,
+                                    comparison.reward_old, min_reward_gain=settings.ppo_min_reward_gain,
+                                    reward_se=comparison.reward_se,
+                                    rm_accuracy=rm.metrics.get("held_out_accuracy") if rm else None,
+                                    min_rm_accuracy=settings.ppo_min_rm_accuracy,
+                                    nll_rise=comparison.nll_rise, max_nll_rise=settings.ppo_max_nll_rise,
+                                    nll_rise_se=comparison.nll_rise_se)
+        metrics.update(asdict(comparison), guard=reason)
+        if not ok:
+            self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "
+                                 f"{reason}", **metrics)
+            return
         # publish: saved to a staging directory and renamed, then recorded in the store
         version = self.store.next_version("policy")
         directory = self.registry.policy_dir(version)

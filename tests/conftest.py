@@ -49,7 +49,7 @@ def tiny_env(tmp_path, tiny_policy, tiny_encoder) -> dict[str, str]:
         "PPO_BATCH_SIZE": "2",
         # a random tiny reward model is no judge: the guard rails have tests of their own (test_worker.py)
         "PPO_MIN_RM_ACCURACY": "0",
-        "PPO_REWARD_TOLERANCE": "1000",
+        "PPO_MIN_REWARD_GAIN": "-1000",
         "PPO_MAX_KL": "1000",
         "PPO_MAX_NLL_RISE": "1000",
         "TORCH_THREADS": "1",

@@ -134,20 +134,26 @@ def test_should_publish_refuses_kl_above_max():
 
 def test_should_publish_refuses_fallen_held_out_reward():
     ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.2, held_out_reward_old=0.3)
-    assert not ok and "held-out reward fell from 0.3000 to 0.2000" in reason
+    assert not ok and "no gain shown: held-out reward 0.3000 -> 0.2000" in reason
 
 
-def test_should_publish_tolerates_a_fall_within_tolerance():
-    ok, _ = should_publish(1.0, 10.0, held_out_reward_new=0.25, held_out_reward_old=0.3, reward_tolerance=0.1)
-    assert ok
+def test_should_publish_refuses_an_unchanged_held_out_reward():
+    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.3, held_out_reward_old=0.3)
+    assert not ok and "no gain shown" in reason
 
 
-def test_should_publish_allows_a_fall_within_the_noise_of_the_held_out_answers_but_not_beyond():
-    # a fall of 0.1 with a standard error of 0.06: within 1.96 standard errors (0.1176)
-    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.2, held_out_reward_old=0.3, reward_se=0.06)
-    assert ok and "(+-0.0600)" in reason
-    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.2, held_out_reward_old=0.3, reward_se=0.05)
-    assert not ok and "held-out reward fell from 0.3000 to 0.2000 (more than tolerance 0.0000 + noise 0.0980)" in reason
+def test_should_publish_refuses_a_gain_within_the_noise_of_the_held_out_answers_but_not_beyond():
+    # a gain of 0.1: within 1.64 standard errors of 0.07 (0.1148), beyond 1.64 x 0.05 (0.082)
+    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.4, held_out_reward_old=0.3, reward_se=0.07)
+    assert not ok and "gain +0.1000 - noise 0.1148 <= PPO_MIN_REWARD_GAIN 0.0000" in reason
+    ok, reason = should_publish(1.0, 10.0, held_out_reward_new=0.4, held_out_reward_old=0.3, reward_se=0.05)
+    assert ok and "(+-0.0500)" in reason
+
+
+def test_should_publish_needs_the_gain_to_pass_the_minimum_gain_and_a_negative_one_tolerates_a_fall():
+    assert not should_publish(1.0, 10.0, 0.45, 0.3, min_reward_gain=0.2)[0]
+    assert should_publish(1.0, 10.0, 0.55, 0.3, min_reward_gain=0.2)[0]
+    assert should_publish(1.0, 10.0, 0.25, 0.3, min_reward_gain=-0.1)[0]
 
 
 def test_paired_prompt_difference_averages_per_prompt_and_measures_the_spread_between_prompts():

@@ -81,14 +81,15 @@ def test_pairs_before_the_last_policy_do_not_count_towards_the_next(tiny_env):
 
 @pytest.mark.parametrize("comparison,reason", [
     (HeldOutComparison(kl=5.0, reward_new=1.0, reward_old=0.0, nll_rise=0.0), "PPO_MAX_KL"),
-    (HeldOutComparison(kl=0.5, reward_new=-1.0, reward_old=0.0, nll_rise=0.0), "held-out reward fell"),
+    (HeldOutComparison(kl=0.5, reward_new=-1.0, reward_old=0.0, nll_rise=0.0), "no gain shown"),
+    (HeldOutComparison(kl=0.5, reward_new=0.5, reward_old=0.0, nll_rise=0.0, reward_se=0.4), "no gain shown"),
     (HeldOutComparison(kl=0.5, reward_new=1.0, reward_old=0.0, nll_rise=0.9), "PPO_MAX_NLL_RISE"),
 ])
 def test_a_policy_past_the_guard_rails_is_not_published(tiny_env, monkeypatch, comparison, reason):
     # the measured KL and rewards are fixed here: a tiny random policy's drift is noise (KL estimates
     # can even come out negative); should_publish's thresholds have tests of their own
     monkeypatch.setattr("backend.worker.compare_on_held_out", lambda *args, **kwargs: comparison)
-    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_reward_tolerance=0.0, ppo_max_nll_rise=0.5)
+    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_min_reward_gain=0.0, ppo_max_nll_rise=0.5)
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
@@ -99,17 +100,46 @@ def test_a_policy_past_the_guard_rails_is_not_published(tiny_env, monkeypatch, c
     assert not worker.store.has_active_job("regenerate")
 
 
-def test_a_held_out_reward_dip_within_its_noise_does_not_stop_a_policy(tiny_env, monkeypatch):
-    # the same fall of 1.0 that is refused above, now with a standard error of 1.0 between prompts
-    dip = HeldOutComparison(kl=0.5, reward_new=-1.0, reward_old=0.0, nll_rise=0.0, reward_se=1.0)
-    monkeypatch.setattr("backend.worker.compare_on_held_out", lambda *args, **kwargs: dip)
-    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_reward_tolerance=0.0, ppo_max_nll_rise=0.5)
+def test_a_held_out_reward_gain_beyond_its_noise_publishes_the_policy(tiny_env, monkeypatch):
+    # a gain of 1.0 with a standard error of 0.5 between prompts: 1.0 - 1.64 x 0.5 > 0
+    gain = HeldOutComparison(kl=0.5, reward_new=1.0, reward_old=0.0, nll_rise=0.0, reward_se=0.5)
+    monkeypatch.setattr("backend.worker.compare_on_held_out", lambda *args, **kwargs: gain)
+    worker = make_worker(tiny_env, ppo_max_kl=1.0, ppo_min_reward_gain=0.0, ppo_max_nll_rise=0.5)
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
     latest = worker.store.latest_version("policy")
-    assert latest.version == 1 and latest.metrics["reward_se"] == 1.0
-    assert "(+-1.0000)" in latest.metrics["guard"]
+    assert latest.version == 1 and latest.metrics["reward_se"] == 0.5
+    assert "(+-0.5000)" in latest.metrics["guard"]
+
+
+def test_a_refused_policy_update_waits_for_new_pairs_before_it_is_queued_again(tiny_env, monkeypatch):
+    flat = HeldOutComparison(kl=0.5, reward_new=0.0, reward_old=0.0, nll_rise=0.0, reward_se=0.1)
+    monkeypatch.setattr("backend.worker.compare_on_held_out", lambda *args, **kwargs: flat)
+    worker = make_worker(tiny_env, ppo_min_reward_gain=0.0, ppo_trigger_pairs=6)
+    seed_project(worker.store, annotated=12)
+    worker.fit_reward(job("fit_reward"))
+    claimed = worker.store.claim_job("w")
+    worker.train_policy(claimed)
+    worker.store.finish_job(claimed.id)
+    assert worker.store.last_event_data("policy_rejected")["last_pair_id"] == worker.store.max_pair_id()
+    seed_project(worker.store, annotated=13)  # the next annotation: one new pair, below the trigger
+    worker.queue_policy_update_if_due(1)
+    assert not worker.store.has_active_job("train_policy")
+    seed_project(worker.store, annotated=18)  # six new pairs since the refused run
+    worker.queue_policy_update_if_due(1)
+    assert worker.store.has_active_job("train_policy")
+
+
+def test_too_few_held_out_prompts_to_show_a_gain_refuses_before_training(tiny_env):
+    worker = make_worker(tiny_env)
+    worker.store.save_project(1, RANKER)
+    train_only = [p for p in PROMPTS if not is_held_out(p)][:4]
+    for task_id, prompt in enumerate(train_only, start=1):
+        worker.store.save_task(1, task_id, {"prompt": prompt, "answers": [{"id": "c0", "body": "x"}]}, policy_version=0)
+    worker.train_policy(job("train_policy"))
+    assert [v.version for v in worker.store.versions("policy")] == [0]
+    assert "import more prompts" in worker.store.events()[-1]["message"]
 
 
 def test_a_run_whose_only_update_was_undone_publishes_nothing(tiny_env):
