@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import platform
-import re
 import resource
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from backend.evaluation import (  # noqa: E402
     answer_nll,
@@ -62,6 +62,7 @@ from backend.preferences import pairs_from_tiers  # noqa: E402
 from backend.reward import RewardModel, TextEncoder  # noqa: E402
 from backend.rl import ALGORITHMS, StepStats, improve_policy, normalised_to_candidates  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from preference_suite import PREFERENCES, SUITE, VERDICTS, verdict  # noqa: E402
 
 log = logging.getLogger("ppo_loop")
 
@@ -102,63 +103,7 @@ def split_prompts(n_held_out: int) -> tuple[list[str], list[str]]:
 
 # ----------------------------------------------------------------------------- simulated annotators
 
-
-def contains_number(answer: str) -> float:
-    return float(bool(re.search(r"\d", answer)))
-
-
-def shorter(answer: str) -> float:
-    return -float(len(answer))
-
-
-def plain_words(answer: str) -> float:
-    """Plain language: minus the mean length in letters of the answer's words; an answer without words is worst.
-
-    Graded (two answers rarely tie) and nearly independent of answer length (correlation -0.13 on
-    the base policy's candidates), so it checks that the loop learns more than the length shortcut.
-    """
-    words = re.findall(r"[A-Za-z]+", answer)
-    return -sum(map(len, words)) / len(words) if words else -math.inf
-
-
-def more_sentences(answer: str) -> float:
-    """The number of finished sentences (., ! or ? before a space or the end)."""
-    return float(len(re.findall(r"[.!?](?:\s|$)", answer)))
-
-
-def fewer_first_person(answer: str) -> float:
-    """Minus the count of I, me, my, mine, myself (and I'm, I've...): answers about the question, not the speaker."""
-    return -float(len(re.findall(r"\b(?:I|me|my|mine|myself)\b", answer)))
-
-
-PREFERENCES: dict[str, Callable[[str], float]] = {
-    "contains_number": contains_number, "shorter": shorter, "plain_words": plain_words,
-    "more_sentences": more_sentences, "fewer_first_person": fewer_first_person}
-
-
-ANNOTATIONS = ("tiers", "ranker", "buckets")
-
-
-def verdict(bodies: list[str], preference: Callable[[str], float], annotation: str = "tiers") -> list[list[int]]:
-    """The scripted annotator's verdict on one prompt's candidates: their indices, best tier first.
-
-    - "tiers": one tier per distinct score, equal answers tied (a perfect annotator);
-    - "ranker": Label Studio's plain ranker, which has no ties: one answer a tier, equally good
-      answers in the order shown, as a hurried human's would be;
-    - "buckets": the bucket ranker's Good / Acceptable / Bad: the best score, the scores between,
-      the worst score (a tier may be empty).
-    """
-    scores = [preference(b) for b in bodies]
-    if annotation == "ranker":
-        return [[i] for i in sorted(range(len(bodies)), key=lambda i: -scores[i])]  # sorted() is stable
-    if annotation == "buckets":
-        best, worst = max(scores), min(scores)
-        return [[i for i, s in enumerate(scores) if s == best],
-                [i for i, s in enumerate(scores) if worst < s < best],
-                [i for i, s in enumerate(scores) if s == worst and s != best]]
-    if annotation == "tiers":
-        return [[i for i, s in enumerate(scores) if s == level] for level in sorted(set(scores), reverse=True)]
-    raise ValueError(f"annotation {annotation!r} is not one of {ANNOTATIONS}")
+ANNOTATIONS = VERDICTS
 
 
 def annotate(prompts: list[str], candidates: list[list[str]], preference: Callable[[str], float],

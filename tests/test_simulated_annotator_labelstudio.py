@@ -57,7 +57,7 @@ def wait_for_status(url: str, condition, timeout: float, what: str) -> dict:
 
 
 def ranker_result(answers: list[dict], preference, annotation: str) -> dict:
-    """The scripted annotator's verdict (bench/ppo_loop.py) as the Ranker result Label Studio stores."""
+    """The scripted annotator's verdict (bench/preference_suite.py) as the Ranker result Label Studio stores."""
     bodies = [c["body"] for c in answers]
     tiers = [[answers[i]["id"] for i in tier] for tier in verdict(bodies, preference, annotation)]
     if annotation == "buckets":
