@@ -9,6 +9,8 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
 - "grpo": trl's GRPOTrainer (Shao et al. 2024): `group_size` samples per prompt, advantages
           relative to the group mean, no value model.
 - "rloo": trl's RLOOTrainer (Ahmadian et al. 2024): the same groups, a leave-one-out baseline.
+- "dpo":  trl's DPOTrainer (Rafailov et al. 2023) on the annotators' pairs themselves, not the
+          reward model (backend/dpo.py); the reward model still judges the result on held-out prompts.
 trl reads from the config: steps, batch_size (prompts per step), learning_rate, warmup_steps,
 max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as
 epsilon), and stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
@@ -28,6 +30,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig
@@ -46,9 +49,15 @@ from backend.ppo import (
     trainable_state,
 )
 
+if TYPE_CHECKING:
+    from backend.dpo import DPOConfig  # noqa: F401 (annotations only)
+
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("ppo", "grpo", "rloo")
+Pairs = tuple[list[str], list[str], list[str]]
+"""Preference pairs as three aligned lists: prompts, chosen answers, rejected answers."""
+
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
 
 
 @dataclass(frozen=True)
@@ -74,13 +83,22 @@ def improve_policy(
     *,
     group_size: int = 4,
     on_step: Callable[[StepStats], None] | None = None,
+    pairs: Pairs | None = None,
+    dpo_config: DPOConfig | None = None,
 ) -> tuple[PreTrainedModel, list[StepStats]]:
-    """Run one RL update of `model` with `algorithm`; `model` is read, never written.
+    """Run one policy update of `model` with `algorithm`; `model` is read, never written.
 
-    `group_size` is the number of samples per prompt of GRPO and RLOO (PPO samples one).
+    `group_size` is the number of samples per prompt of GRPO and RLOO (PPO samples one). DPO
+    learns from `pairs` (prompts, chosen, rejected) with `dpo_config` and needs no `reward_fn`.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"RL_ALGORITHM={algorithm!r} is not supported: use one of {', '.join(ALGORITHMS)}")
+    if algorithm == "dpo":
+        from backend.dpo import DPOConfig, train_dpo  # imported here: backend.dpo imports StepStats from this module
+
+        if not pairs or not pairs[0]:
+            raise ValueError("RL_ALGORITHM=dpo needs preference pairs: pass pairs=(prompts, chosen, rejected)")
+        return train_dpo(model, tokenizer, *pairs, dpo_config or DPOConfig(seed=config.seed), on_step=on_step)
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt to train on")
     if algorithm == "ppo":
@@ -252,4 +270,7 @@ def _train_trl(
             trainer.train()
     trained = trainer.model
     trained = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
+    # trl patches an instance `forward` onto the model that calls this object's weights: a deepcopy of it
+    # (the next round's policy) would run these weights, not its own (backend/dpo.py, tests/test_dpo.py)
+    trained.__dict__.pop("forward", None)
     return trained.eval().requires_grad_(False), recorder.stats

@@ -47,8 +47,8 @@ class Settings(BaseModel):
     ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
     ppo_min_rm_accuracy: float = Field(
         0.55, ge=0, le=1, description="No policy update while the reward model's held-out accuracy is below this")
-    rl_algorithm: Literal["ppo", "grpo", "rloo"] = Field(
-        "ppo", description="RL algorithm: our PPO, or trl's GRPO/RLOO (README: what each won)")
+    rl_algorithm: Literal["ppo", "grpo", "rloo", "dpo"] = Field(
+        "ppo", description="Policy update: our PPO, trl's GRPO/RLOO on the reward model, or trl's DPO on the ranked pairs (docs/policy.md)")
     rl_group_size: int = Field(4, ge=2, le=64, description="Samples per prompt of GRPO/RLOO (PPO samples one)")
     ppo_steps: int = Field(16, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")
     ppo_batch_size: int = Field(8, ge=1, le=1024, description="Prompts per PPO rollout")
@@ -69,6 +69,9 @@ class Settings(BaseModel):
         0.5, gt=0, description="Publish no policy whose held-out answers' NLL under the serving one rose more (nats/token)")
     ppo_min_reward_gain: float = Field(
         0.0, description="Publish a policy only if its held-out reward rose by more than this beyond 1.64 standard errors (negative: experiments only)")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the KL to the serving policy holds the update back")
+    dpo_epochs: int = Field(2, ge=1, le=100, description="Passes of DPO over the ranked pairs per policy update")
+    dpo_learning_rate: float = Field(1e-4, gt=0, lt=1, description="Learning rate of DPO (LoRA weights)")
     lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of policy updates; 0 fine-tunes every weight")
 
     # --- serving ---

@@ -23,6 +23,7 @@ import torch
 
 from backend import labelstudio
 from backend.evaluation import MIN_HELD_OUT_PROMPTS, compare_on_held_out, should_publish
+from backend.dpo import DPOConfig
 from backend.generation import generate_candidates
 from backend.labelconfig import RankingSchema, parse_ranking_schema
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
@@ -195,7 +196,9 @@ class Worker:
         # train: the reward in units of the candidates annotators saw (centred per prompt, unit spread)
         reward_fn = normalised_to_candidates(reward.score, {p: shown[p] for p in train_prompts if shown[p]})
         trained, stats = improve_policy(settings.rl_algorithm, model, tokenizer, train_prompts, reward_fn,
-                                        ppo_config(settings), group_size=settings.rl_group_size, on_step=on_step)
+                                        ppo_config(settings), group_size=settings.rl_group_size, on_step=on_step,
+                                        pairs=self.training_pairs(set(train_prompts)) if settings.rl_algorithm == "dpo" else None,
+                                        dpo_config=dpo_config(settings))
         metrics = {"algorithm": settings.rl_algorithm, "reward_version": reward.version, "steps": len(stats),
                    "final_train_kl": stats[-1].kl if stats else None, "last_pair_id": last_pair_id}
         if not stats:  # PPO undid its only update: the "new" policy is the serving one
@@ -232,6 +235,11 @@ class Worker:
                              **metrics)
         for project_id in self.store.project_ids():
             self.store.enqueue("regenerate", project_id)
+
+    def training_pairs(self, prompts: set[str]) -> tuple[list[str], list[str], list[str]]:
+        """Every stored pair on a training prompt, as (prompts, chosen, rejected): DPO's data."""
+        rows = [r for r in self.store.pairs() if r.prompt in prompts]
+        return [r.prompt for r in rows], [r.chosen for r in rows], [r.rejected for r in rows]
 
     def project_prompts(self) -> dict[str, list[str]]:
         """Every prompt of every task the backend has seen, with the candidate texts shown for it."""
@@ -274,6 +282,12 @@ def ppo_config(settings: Settings) -> PPOConfig:
         stop_kl=settings.ppo_stop_kl, stop_nll_rise=settings.ppo_stop_nll_rise, lora_rank=settings.lora_rank,
         seed=settings.seed,
     )
+
+
+def dpo_config(settings: Settings) -> DPOConfig:
+    """DPO's config from the settings: its own beta, epochs and learning rate; LoRA rank and seed shared."""
+    return DPOConfig(beta=settings.dpo_beta, epochs=settings.dpo_epochs, learning_rate=settings.dpo_learning_rate,
+                     lora_rank=settings.lora_rank, seed=settings.seed)
 
 
 def run_worker(settings: Settings, stop: threading.Event | None = None, poll_seconds: float = 0.3) -> None:

@@ -57,11 +57,13 @@ from backend.models import (  # noqa: E402
     resolve_encoder,
     resolve_policy,
 )
+from backend.dpo import DPOConfig  # noqa: E402
 from backend.ppo import PPOConfig  # noqa: E402
 from backend.preferences import pairs_from_tiers  # noqa: E402
 from backend.reward import RewardModel, TextEncoder  # noqa: E402
 from backend.rl import ALGORITHMS, StepStats, improve_policy, normalised_to_candidates  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from backend.worker import dpo_config  # noqa: E402
 from preference_suite import PREFERENCES, SUITE, VERDICTS, verdict  # noqa: E402
 
 log = logging.getLogger("ppo_loop")
@@ -135,6 +137,7 @@ class Knobs:
         steps=16, batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=5e-4, lora_rank=16,
         max_new_tokens=32, init_kl_coef=0.02, target_kl=4.0, stop_kl=4.0,
         fluency_coef=Settings.model_fields["ppo_fluency_coef"].default))
+    dpo: DPOConfig = field(default_factory=lambda: dpo_config(Settings()))  # DPO_*: the backend's defaults
 
 
 @dataclass
@@ -194,7 +197,7 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     reward_fn = normalised_to_candidates(reward.score, dict(zip(train_prompts, candidates)))
     torch.manual_seed(knobs.ppo.seed)
     new, stats = improve_policy(knobs.algorithm, base, tokenizer, train_prompts, reward_fn, knobs.ppo,
-                                group_size=knobs.group_size)
+                                group_size=knobs.group_size, pairs=(prompts, chosen, rejected), dpo_config=knobs.dpo)
     log.info("%s: %s done at %.0fs", name, knobs.algorithm, time.perf_counter() - started)
     seconds_per_update, rollout_tps = step_timings(stats)
     # evaluate on held-out prompts: new answers against the base policy's, by the hidden preference

@@ -67,7 +67,13 @@ def test_trl_reward_function_scores_plain_text_completions():
 
 def test_improve_policy_rejects_unknown_algorithm(tiny):
     model, tokenizer = tiny
-    with pytest.raises(ValueError, match=r"RL_ALGORITHM='dpo' is not supported: use one of ppo, grpo, rloo"):
+    with pytest.raises(ValueError, match=r"RL_ALGORITHM='a2c' is not supported: use one of ppo, grpo, rloo, dpo"):
+        improve_policy("a2c", model, tokenizer, PROMPTS, count_a_reward, PPOConfig())
+
+
+def test_dpo_without_pairs_names_the_missing_argument(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="RL_ALGORITHM=dpo needs preference pairs"):
         improve_policy("dpo", model, tokenizer, PROMPTS, count_a_reward, PPOConfig())
 
 

@@ -15,7 +15,7 @@ def test_values_are_read_from_upper_case_variables():
 
 
 @pytest.mark.parametrize("name,value", [("NUM_CANDIDATES", "1"), ("NUM_CANDIDATES", "four"),
-                                        ("PPO_TRIGGER_PAIRS", "0"), ("RL_ALGORITHM", "dpo")])
+                                        ("PPO_TRIGGER_PAIRS", "0"), ("RL_ALGORITHM", "a2c")])
 def test_bad_value_is_one_line_naming_variable_and_value(name, value):
     with pytest.raises(SettingsError) as info:
         load_settings({name: value})

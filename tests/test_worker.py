@@ -175,6 +175,32 @@ def test_trl_algorithms_run_behind_the_same_job(tiny_env, algorithm):
     assert worker.store.latest_version("policy").metrics["algorithm"] == algorithm
 
 
+def test_dpo_trains_on_the_stored_pairs_of_training_prompts_only(tiny_env, monkeypatch):
+    seen = {}
+
+    def fake_train_dpo(model, tokenizer, prompts, chosen, rejected, config, on_step=None):
+        seen.update(prompts=prompts, chosen=chosen, config=config)
+        return model, []
+
+    monkeypatch.setattr("backend.dpo.train_dpo", fake_train_dpo)
+    worker = make_worker(tiny_env, rl_algorithm="dpo", dpo_beta=0.2, dpo_epochs=3)
+    seed_project(worker.store, annotated=30)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    assert seen["prompts"] and not any(is_held_out(p) for p in seen["prompts"])
+    assert len(seen["prompts"]) == sum(not is_held_out(p) for p in PROMPTS)
+    assert (seen["config"].beta, seen["config"].epochs) == (0.2, 3)
+
+
+def test_dpo_publishes_a_policy_through_the_worker_on_tiny_models(tiny_env):
+    worker = make_worker(tiny_env, rl_algorithm="dpo", dpo_epochs=1)
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    latest = worker.store.latest_version("policy")
+    assert latest.version == 1 and latest.metrics["algorithm"] == "dpo" and latest.metrics["steps"] >= 1
+
+
 def test_ppo_trains_on_a_full_refit_of_a_reward_model_updated_incrementally(tiny_env):
     worker = make_worker(tiny_env, ppo_steps=1)
     seed_project(worker.store, annotated=12)

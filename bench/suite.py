@@ -1,0 +1,138 @@
+"""The whole preference suite x seeds x algorithms, with the settings a user gets out of the box.
+
+In:  the real default models, bench/preference_suite.py's tastes, seeds and algorithms.
+Out: a markdown table, one row per (taste, seed, algorithm): win-rate against the base policy by
+     the taste's own score (W/L/T, sign-test p), NLL rise under the base policy, KL, answer length,
+     whether the guard rails would publish it, minutes and peak memory; then per algorithm the
+     mean win-rate, the worst taste and how many tastes pass the bar (p < 0.05 and NLL rise <= 0.5
+     in at least 2 seeds of 3). Optionally the rows as JSON (--json), appended as each run ends.
+
+Per seed the base policy writes NUM_CANDIDATES x MAX_NEW_TOKENS candidates (the defaults: 4 x 48)
+for the 36 training questions of bench/ppo_loop.py, and 4 answers to each of its 24 held-out
+questions; every taste ranks the same candidates in its own verdict format. The policy update runs
+with the backend's defaults (backend/worker.py's ppo_config and dpo_config of `Settings()`).
+
+Run: `.venv/bin/python bench/suite.py --algorithms dpo ppo --seeds 0 1 2` (DPO: about 3 minutes a
+run on 2 cores, PPO: about 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ppo_loop import Knobs, machine, run_experiment, sample, split_prompts  # noqa: E402
+from preference_suite import SUITE  # noqa: E402
+
+from backend.generation import sample_completions  # noqa: E402
+from backend.models import DEFAULT_ENCODER, DEFAULT_POLICY, load_causal_lm, load_encoder, resolve_encoder, resolve_policy  # noqa: E402
+from backend.reward import TextEncoder  # noqa: E402
+from backend.rl import ALGORITHMS  # noqa: E402
+from backend.settings import Settings  # noqa: E402
+from backend.worker import dpo_config, ppo_config  # noqa: E402
+
+log = logging.getLogger("suite")
+MAX_NLL_RISE = 0.5  # the bar of issue 15, nats/token
+EVAL_SAMPLES = 4
+
+
+def user_knobs(algorithm: str, seed: int) -> Knobs:
+    """The out-of-the-box settings, as bench/ppo_loop.py's knobs."""
+    defaults = Settings(seed=seed)
+    ppo = ppo_config(defaults)
+    return Knobs(candidates=defaults.num_candidates, candidate_tokens=defaults.max_new_tokens,
+                 eval_samples=EVAL_SAMPLES, held_out=24, algorithm=algorithm, group_size=defaults.rl_group_size,
+                 ppo=ppo, dpo=dpo_config(defaults))
+
+
+def passes(row: dict) -> bool:
+    return row["wins"] > row["losses"] and row["p_value"] < 0.05 and \
+        row["nll_new_answers"] - row["nll_base_answers"] <= MAX_NLL_RISE
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| taste (verdict) | seed | algorithm | pairs | win-rate (W/L/T) | p | NLL rise | KL | chars base -> new | "
+            "publish | min | peak RSS |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(f"| {r['preference']} ({SUITE[r['preference']].verdict}) | {r['seed']} | {r['algorithm']} | "
+                   f"{r['pairs']} | {r['win_rate']:.3f} ({r['wins']}/{r['losses']}/{r['ties']}) | {r['p_value']:.2g} | "
+                   f"{r['nll_new_answers'] - r['nll_base_answers']:+.2f} | {r['held_out_kl']:.2f} | "
+                   f"{r['chars_base']:.0f} -> {r['chars_new']:.0f} | {'yes' if r['published'] else 'no'} | "
+                   f"{r['seconds'] / 60:.1f} | {r['peak_rss_gb']:.1f} GB |")
+    return "\n".join(out)
+
+
+def summary(rows: list[dict]) -> str:
+    out = ["| algorithm | runs | mean win-rate | worst taste (mean win-rate) | tastes passing in >= 2 of their seeds | "
+           "runs passing | published |", "|---|---|---|---|---|---|---|"]
+    for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
+        mine = [r for r in rows if r["algorithm"] == algorithm]
+        by_taste: dict[str, list[dict]] = {}
+        for r in mine:
+            by_taste.setdefault(r["preference"], []).append(r)
+        means = {t: sum(r["win_rate"] for r in rs) / len(rs) for t, rs in by_taste.items()}
+        worst = min(means, key=means.get)
+        passing = sum(sum(map(passes, rs)) >= min(2, len(rs)) for rs in by_taste.values())
+        out.append(f"| {algorithm} | {len(mine)} | {sum(r['win_rate'] for r in mine) / len(mine):.3f} | "
+                   f"{worst} ({means[worst]:.3f}) | {passing} of {len(by_taste)} | {sum(map(passes, mine))} of "
+                   f"{len(mine)} | {sum(r['published'] for r in mine)} of {len(mine)} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algorithms", nargs="+", default=["dpo", "ppo"], choices=ALGORITHMS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--tastes", nargs="+", default=list(SUITE), choices=list(SUITE))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="append each run's row here (JSON lines)")
+    parser.add_argument("--max-kl", type=float, default=Settings().ppo_max_kl)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    base, tokenizer = load_causal_lm(resolve_policy(DEFAULT_POLICY, ROOT / ".cache"))
+    encoder = TextEncoder(*load_encoder(resolve_encoder(DEFAULT_ENCODER)), DEFAULT_ENCODER, store=None)
+    rows = []
+    for seed in args.seeds:
+        knobs = user_knobs(args.algorithms[0], seed)
+        train_prompts, held_out = split_prompts(knobs.held_out)
+        torch.manual_seed(seed)  # candidates and base answers differ per seed, as a new project's would
+        candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
+        torch.manual_seed(seed + 1000)
+        eval_prompts, base_answers, _ = sample(base, tokenizer, held_out, knobs.eval_samples, knobs.candidate_tokens)
+        for algorithm in args.algorithms:
+            knobs = user_knobs(algorithm, seed)
+            for name in args.tastes:
+                taste = SUITE[name]
+                result = run_experiment(name, taste.score, base, tokenizer, encoder, train_prompts, candidates,
+                                        eval_prompts, base_answers, replace(knobs, annotation=taste.verdict),
+                                        args.max_kl)
+                row = {**asdict(result), "seed": seed}
+                rows.append(row)
+                log.info("%s seed %d %s: win %.3f p %.2g NLL %+.2f published %s", name, seed, algorithm,
+                         row["win_rate"], row["p_value"], row["nll_new_answers"] - row["nll_base_answers"],
+                         row["published"])
+                if args.json:
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+    print(f"## The preference suite: {len(args.tastes)} tastes x seeds {args.seeds} x {args.algorithms}, "
+          f"out-of-the-box settings, 24 held-out questions x {EVAL_SAMPLES} answers\n")
+    print(table(rows) + "\n\n" + summary(rows))
+    print(f"\nMachine: {machine()}. Total {(time.perf_counter() - started) / 60:.0f} min.")
+
+
+if __name__ == "__main__":
+    main()
