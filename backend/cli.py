@@ -150,12 +150,13 @@ def policy_rollback(version: int = typer.Argument(..., help="Policy version to s
 
 @cli.command()
 def demo(port: int = typer.Option(8080, help="Label Studio port"),
-         backend_port: int = typer.Option(9090, help="Backend port")) -> None:
+         backend_port: int = typer.Option(9090, help="Backend port"),
+         exit_when_done: bool = typer.Option(False, help="Stop both servers after the first policy update (CI)")) -> None:
     """Start Label Studio and the backend, run a scripted annotator through the loop, keep both running."""
     configure_logging()
     from backend.demo import run_demo
 
-    run_demo(_settings(), ls_port=port, backend_port=backend_port)
+    run_demo(_settings(), ls_port=port, backend_port=backend_port, exit_when_done=exit_when_done)
 
 
 def main() -> None:

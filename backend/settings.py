@@ -70,7 +70,7 @@ class Settings(BaseModel):
     ppo_min_reward_gain: float = Field(
         0.0, description="Publish a policy only if its held-out reward rose by more than this beyond 1.64 standard errors (negative: experiments only)")
     dpo_beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the KL to the serving policy holds the update back")
-    dpo_epochs: int = Field(2, ge=1, le=100, description="Passes of DPO over the ranked pairs per policy update")
+    dpo_epochs: int = Field(1, ge=1, le=100, description="Passes of DPO over the ranked pairs per policy update")
     dpo_learning_rate: float = Field(1e-4, gt=0, lt=1, description="Learning rate of DPO (LoRA weights)")
     lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of policy updates; 0 fine-tunes every weight")
 

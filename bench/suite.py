@@ -12,8 +12,8 @@ for the 36 training questions of bench/ppo_loop.py, and 4 answers to each of its
 questions; every taste ranks the same candidates in its own verdict format. The policy update runs
 with the backend's defaults (backend/worker.py's ppo_config and dpo_config of `Settings()`).
 
-Run: `.venv/bin/python bench/suite.py --algorithms dpo ppo --seeds 0 1 2` (DPO: about 3 minutes a
-run on 2 cores, PPO: about 6).
+Run: `.venv/bin/python bench/suite.py --algorithms dpo ppo --seeds 0 1 2` (docs/policy.md has the
+minutes each run took on 2 cores).
 """
 
 from __future__ import annotations
@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
         torch.manual_seed(seed + 1000)
         eval_prompts, base_answers, _ = sample(base, tokenizer, held_out, knobs.eval_samples, knobs.candidate_tokens)
-        for algorithm in args.algorithms:
-            knobs = user_knobs(algorithm, seed)
-            for name in args.tastes:
-                taste = SUITE[name]
+        for name in args.tastes:  # every algorithm on a taste before the next taste: a cut-short run still compares
+            taste = SUITE[name]
+            for algorithm in args.algorithms:
+                knobs = user_knobs(algorithm, seed)
                 result = run_experiment(name, taste.score, base, tokenizer, encoder, train_prompts, candidates,
                                         eval_prompts, base_answers, replace(knobs, annotation=taste.verdict),
                                         args.max_kl)
