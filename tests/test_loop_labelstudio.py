@@ -15,8 +15,11 @@ import requests
 from backend.local_servers import TOKEN, start_backend
 
 ROOT = Path(__file__).resolve().parents[1]
+# the capitals of France, Italy and Chile hash into the held-out split: 3 held-out prompts, the fewest
+# with which the guard rails can show a gain and the update runs at all
 PROMPTS = ["What is the capital of France?", "How do I bake bread?", "Tell me a joke.",
-           "How many days are in a week?", "Name a color."]
+           "How many days are in a week?", "Name a color.", "What is the capital of Italy?",
+           "What is the capital of Chile?"]
 
 pytestmark = pytest.mark.labelstudio
 
