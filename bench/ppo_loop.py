@@ -209,7 +209,9 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     reward_new, reward_base = sum(rewards_new) / len(rewards_new), sum(rewards_base) / len(rewards_base)
     _, reward_se = paired_prompt_difference(rewards_new, rewards_base, knobs.eval_samples)
     kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
-    published, reason = should_publish(kl, max_kl, reward_new, reward_base, reward_se=reward_se)
+    # the reward model's accuracy stands in for the product's check on held-out human pairs
+    published, reason = should_publish(kl, max_kl, reward_new, reward_base, reward_se=reward_se,
+                                       rm_accuracy=rm_accuracy, min_rm_accuracy=Settings().ppo_min_rm_accuracy)
     return Result(
         preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, algorithm=knobs.algorithm,
         ppo_steps=len(stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
