@@ -141,7 +141,7 @@ REWARD_GAIN_Z = 1.64
 MIN_HELD_OUT_PROMPTS = 3
 # standard errors added to the held-out NLL rise before it is compared with its bound: fluency must be
 # shown (one-sided 5%), not merely not refuted. A point estimate on 6 prompts x 8 answers read +0.16
-# on a policy whose rise 96 other answers put at +0.60 (README)
+# on a policy whose rise 96 other answers put at +0.60 (docs/ppo.md)
 NLL_RISE_Z = 1.64
 
 

@@ -66,7 +66,7 @@ class PPOConfig:
     ppo_epochs: int = 2  # optimisation passes over each rollout
     learning_rate: float = 2e-4  # Adam learning rate
     # steps whose learning rate ramps up linearly (step k of n uses k / (n + 1) of it): Adam's first
-    # updates move every weight by about the learning rate whatever the gradient (README); 0 = none
+    # updates move every weight by about the learning rate whatever the gradient (docs/ppo.md); 0 = none
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # clip of the global gradient norm
     lora_rank: int = 16  # LoRA rank on q/k/v/o projections (alpha = 2 * rank); 0 = full fine-tune
@@ -85,14 +85,14 @@ class PPOConfig:
     init_kl_coef: float = 0.1  # starting KL coefficient beta
     # weight of the per-token fluency penalty: the reference's surprise at each sampled token beyond its
     # entropy there (`excess_surprise`). KL alone lets the policy move mass into the reference's long tail
-    # cheaply: a little KL, a large rise in the reference's NLL of the text (README); 0 = off
+    # cheaply: a little KL, a large rise in the reference's NLL of the text (docs/ppo.md); 0 = off
     fluency_coef: float = 0.0
     target_kl: float = 1.0  # per-sequence KL (nats) the adaptive controller steers towards
     kl_horizon: int = 10000  # controller horizon (in sequences): larger = slower beta changes
     stop_kl: float | None = None  # stop once a rollout's KL (nats per sequence) exceeds this; None = never
     # stop once the reference's NLL of a rollout (nats per token) rises more than this over its own answers
     # to the same prompts; None = never. KL misses this drift: a little KL can steer answers into text the
-    # reference finds far less likely (README). Costs one reference answer per prompt on first sight
+    # reference finds far less likely (docs/ppo.md). Costs one reference answer per prompt on first sight
     stop_nll_rise: float | None = None
 
     def __post_init__(self) -> None:
@@ -190,7 +190,7 @@ def excess_surprise(
 
     Its mean is 0 on the reference's own samples; over a policy's samples it is how much more NLL per
     token the reference gives them than it expects of its own answers in the same contexts: the
-    fluency drift the README measured while the KL stayed small. 0 where mask is 0.
+    fluency drift docs/ppo.md measured while the KL stayed small. 0 where mask is 0.
     """
     _check_same_shape(ref_logprobs=ref_logprobs, ref_entropy=ref_entropy, mask=mask)
     return (-ref_logprobs - ref_entropy) * mask
@@ -659,7 +659,7 @@ def train_ppo(
                 baseline.update(reference_prompt_nll(policy, tokenizer, unseen, config))
             rise = nll_rise(baseline, batch, ref_logprobs, mask)
         # early stop: the previous update took the policy too far from the reference. Undo it, so
-        # the run returns the last policy whose rollout stayed within bounds (the README measured
+        # the run returns the last policy whose rollout stayed within bounds (docs/ppo.md measured
         # SmolLM2 drifting into incoherent text once KL ran away despite the penalty)
         drift = drift_reason(kl_per_sequence, rise, config.stop_kl, config.stop_nll_rise)
         if drift is not None and before_update is not None:

@@ -315,7 +315,7 @@ def ngram_diffs(vectorizer: TfidfVectorizer, chosen: list[str], rejected: list[s
 # --- the structural view: what the other views cannot count ---
 # Embeddings are mean-pooled and n-gram vectors L2-normalised with sublinear tf, so none of them grows
 # with how often a thing occurs: a preference for more sentences reached 82% agreement on held-out
-# answers without this view and 99% with it (README, "The reward model"), and is neutral on HH-harmless.
+# answers without this view and 99% with it (docs/reward.md), and is neutral on HH-harmless.
 COUNTED = {
     "sentences": r"[.!?](?:\s|$)", "commas": r",", "lines": r"\n", "words": r"\b\w+\b", "digits": r"\d",
     "questions": r"\?", "colons": r"[:;]", "list_items": r"(?m)^\s*(?:\d+[.)]|[-*])\s",

@@ -14,7 +14,7 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
 trl reads from the config: steps, batch_size (prompts per step), learning_rate, warmup_steps,
 max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as
 epsilon), and stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
-trl's RLOO ran to a KL of 17.5 nats in 16 steps, README). It does one optimisation pass per rollout and
+trl's RLOO ran to a KL of 17.5 nats in 16 steps, docs/ppo.md). It does one optimisation pass per rollout and
 has no value head or adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value,
 vf_coef, target_kl, fluency_coef and stop_nll_rise are PPO's alone.
 """

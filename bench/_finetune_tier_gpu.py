@@ -3,7 +3,7 @@
 `make bench` skips it (its name starts with "_"): full fine-tuning takes about 15 minutes a fit on
 2 CPU cores. Same 4-fold split by prompt as bench/reward_learning.py's first split; three settings:
 LoRA r=8 for 2 epochs (the CPU default), every weight for 2 and for 4 epochs. Prints one RESULT line
-each. Measured on an NVIDIA H200 (README, "The reward model"): 0.599 / 0.615 / 0.631, 5-9 s a fit
+each. Measured on an NVIDIA H200 (docs/reward.md): 0.599 / 0.615 / 0.631, 5-9 s a fit
 (that run used an equivalent script with the backbone saved in fp16 to fit the transfer limit).
 
     python bench/_finetune_tier_gpu.py [--pairs FILE] [--base DIR]

@@ -13,7 +13,7 @@ Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42
 then coin flips, and the guard rails refused three of five runs. A seed fixes the whole run, and this
 one runs with the default SEED 0; "shorter" also wins with SEED 1 and 2, "more_sentences" with SEED 1
 to 4. Before PPO's fluency penalty (PPO_FLUENCY_COEF) it failed with 2 seeds of 5, both on fluency,
-and was marked xfail (README, "Through a real Label Studio").
+and was marked xfail (docs/ppo.md, "Through a real Label Studio").
 bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
 through this Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.
 About 3.5 minutes per preference on 2 cores (much longer when other jobs share them).
