@@ -35,8 +35,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback
 
 from backend.generation import render_prompt
-from backend.ppo import lora_target_modules
-from backend.rl import StepStats
+from backend.ppo import lora_target_modules, peft_deprecation_silenced
+from backend.rl import StepStats, plain_policy
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,7 @@ def train_dpo(
             warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
             beta=config.beta, loss_type=["sigmoid"], max_length=config.max_length,
         )
-        with warnings.catch_warnings():
-            # peft 0.21 reads the `is_gradient_checkpointing` that transformers 5 deprecated (as in ppo.py)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_deprecation_silenced():
             trainer = DPOTrainer(
                 model=policy, ref_model=ref_model, args=args, processing_class=tokenizer,
                 train_dataset=Dataset.from_list(preference_rows(tokenizer, prompts, chosen, rejected)),
@@ -186,12 +184,7 @@ def train_dpo(
             _check_kept(len(trainer.train_dataset), len(prompts), config.max_length)
             trainer.remove_callback(PrinterCallback)  # prints every log dict; _StepRecorder logs instead
             trainer.train()
-    trained = trainer.model
-    trained = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
-    # trl's add_fused_lm_head sets an instance `forward` whose plain path calls the bound forward of this
-    # object; a deepcopy of it (the next round's `policy`) would run *this* model's weights. Drop the patch.
-    trained.__dict__.pop("forward", None)
-    return trained.eval().requires_grad_(False), recorder.stats
+    return plain_policy(trainer.model), recorder.stats
 
 
 def _check_kept(kept: int, pairs: int, max_length: int) -> None:

@@ -366,6 +366,16 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> N
             p.copy_(state[name])
 
 
+@contextmanager
+def peft_deprecation_silenced() -> Iterator[None]:
+    """peft 0.21 reads the `is_gradient_checkpointing` that transformers 5 deprecated: silence that one
+    warning while peft wraps a model (here and in trl's trainers). Drop it once peft reads
+    `is_activation_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def lora_target_modules(model: nn.Module) -> list[str]:
     """The attention projections (of `LORA_TARGETS`) that `model` has as linear layers."""
     found = {
@@ -397,10 +407,7 @@ class PolicyWithValue(nn.Module):
             targets = lora_target_modules(policy)
             lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
-            with warnings.catch_warnings():
-                # peft 0.21 reads the `is_gradient_checkpointing` that transformers 5 deprecated;
-                # drop this filter once peft reads `is_activation_checkpointing`
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with peft_deprecation_silenced():
                 self.lm = get_peft_model(policy, lora)  # freezes the base weights
             reference = None
         else:

@@ -26,7 +26,6 @@ import logging
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -44,6 +43,7 @@ from backend.ppo import (
     RewardFn,
     load_trainable_state,
     lora_target_modules,
+    peft_deprecation_silenced,
     prompt_batches,
     train_ppo,
     trainable_state,
@@ -258,9 +258,7 @@ def _train_trl(
             max_completion_length=config.max_new_tokens, temperature=config.temperature, top_k=0, top_p=1.0,
             log_completions=False,
         )
-        with warnings.catch_warnings():
-            # peft 0.21 reads the `is_gradient_checkpointing` that transformers 5 deprecated (as in ppo.py)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_deprecation_silenced():
             trainer = Trainer(
                 model=policy, reward_funcs=[trl_reward_function(reward_fn)], args=args,
                 train_dataset=_dataset(tokenizer, prompts, config), processing_class=tokenizer,
@@ -268,9 +266,15 @@ def _train_trl(
             )
             trainer.remove_callback(PrinterCallback)  # prints every log dict; _StepRecorder logs instead
             trainer.train()
-    trained = trainer.model
+    return plain_policy(trainer.model), recorder.stats
+
+
+def plain_policy(trained: PreTrainedModel) -> PreTrainedModel:
+    """A trl trainer's model as a plain, frozen causal LM: LoRA merged, trl's instance `forward` dropped.
+
+    trl patches an instance `forward` onto the model it trains that calls *this* object's weights: a
+    deepcopy of it (the next round's policy) would run these weights, not its own (tests/test_dpo.py).
+    """
     trained = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
-    # trl patches an instance `forward` onto the model that calls this object's weights: a deepcopy of it
-    # (the next round's policy) would run these weights, not its own (backend/dpo.py, tests/test_dpo.py)
     trained.__dict__.pop("forward", None)
-    return trained.eval().requires_grad_(False), recorder.stats
+    return trained.eval().requires_grad_(False)
