@@ -120,7 +120,7 @@ def run_demo(settings: Settings, ls_port: int, backend_port: int, exit_when_done
             client.annotations.create(id=task["id"], lead_time=5.0, result=[{
                 "from_name": schema.ranker_name, "to_name": schema.list_name, "type": "ranker",
                 "value": {"ranker": {schema.ranker_name: [c["id"] for c in ranked]}}}])
-        outcome = narrator.wait(policy_update_outcome, "the policy update")
+        outcome = policy_update_outcome(narrator.wait(policy_update_outcome, "the policy update"))
         seconds = time.monotonic() - started
         if outcome["kind"] == "policy":
             print(f"\n== first new policy version after {seconds:.0f}s; waiting for fresh candidates")
