@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 MAX_HELD_OUT_PROMPTS = 24  # enough to see a real drop in reward
 # answers per held-out prompt from each policy: with 6 prompts x 2, the NLL-rise guard read +0.39 on a
-# policy whose NLL rise 48 other held-out answers put at +0.90; with 6 x 4, +0.43 where 96 read +0.65
-HELD_OUT_SAMPLES = 8
+# policy whose NLL rise 48 other held-out answers put at +0.90; with 6 x 4, +0.43 where 96 read +0.65.
+# 16, not 8: one answer's reward spreads by up to 14 on a prompt, and a real gain must clear the noise
+# of each prompt's mean (docs/policy.md, "Through a real Label Studio")
+HELD_OUT_SAMPLES = 16
 
 
 class Worker:

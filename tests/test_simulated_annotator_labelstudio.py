@@ -1,22 +1,19 @@
 """The whole loop in a real Label Studio on the real models, judged by a scripted annotator's hidden taste.
 
 A scripted annotator ranks the candidates SmolLM2 wrote into 36 tasks by a hidden preference;
-"Start training" runs the loop (sync -> reward model -> PPO -> guard rails -> policy v1). On 24
-held-out questions the loop never saw (4 answers each), the new policy's answers must win by the hidden
-preference significantly more than half the time, and stay fluent: their NLL under the base policy at most
-0.5 nats/token above the base policy's own answers. Two preferences, so the loop is not tuned to one:
-"shorter", ranked with the plain ranker (two answers rarely have one length), and "more_sentences"
-(more finished sentences), which is not about length: with SEED 0 the new answers average 143
-characters against the base policy's 133 (printed). Sentence counts tie in 4 of 10 candidate pairs, so
-that annotator uses the bucket template, as a careful human would: most sentences -> Good, fewest ->
-Bad, the rest -> Acceptable. With the plain ranker it must order ties anyway; 42% of its pairs were
-then coin flips, and the guard rails refused three of five runs. A seed fixes the whole run, and this
-one runs with the default SEED 0; "shorter" also wins with SEED 1 and 2, "more_sentences" with SEED 1
-to 4. Before PPO's fluency penalty (PPO_FLUENCY_COEF) it failed with 2 seeds of 5, both on fluency,
-and was marked xfail (docs/ppo.md, "Through a real Label Studio").
-bench/ppo_loop.py runs the same experiment in-process for more preferences; "contains a number"
-through this Label Studio loop won only 6/4/38, not significantly, so it is not asserted here.
-About 3.5 minutes per preference on 2 cores (much longer when other jobs share them).
+"Start training" runs the loop (sync -> reward model -> PPO -> guard rails -> policy v1) with the settings a
+user gets (4 candidates x 48 tokens, SEED 0). The guard rails publish only a gain they can show on the
+project's own held-out prompts (6 of the 36 here). On 24 further held-out questions the loop never saw
+(4 answers each), the new policy's answers must win by the hidden preference significantly more than half
+the time, and stay fluent: their NLL under the base policy at most 0.5 nats/token above the base policy's
+own answers. Two preferences, so the loop is not tuned to one: "shorter", ranked with the plain ranker
+(two answers rarely have one length), and "more_sentences" (more finished sentences), which is not about
+length. Sentence counts often tie, so that annotator uses the bucket template, as a careful human would:
+most sentences -> Good, fewest -> Bad, the rest -> Acceptable (with the plain ranker 42% of its pairs were
+coin flips). With 8 candidates x 32 tokens "shorter" was refused by the gain rule (its gain was a tenth of
+the reward's spread); with the defaults it published and won 0.818 (docs/policy.md, "Through a real Label
+Studio, under the gain rule"; older seed tables in docs/ppo.md). bench/suite.py runs more tastes and seeds
+in-process. About 9 minutes per preference on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ from backend.evaluation import answer_nll, sampled_kl, sign_test_p_value, tally
 from backend.generation import sample_completions
 from backend.local_servers import TOKEN, start_backend
 from backend.models import DEFAULT_POLICY, load_causal_lm, resolve_policy
+from backend.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -75,7 +73,7 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
     (model_dir / "base").symlink_to(ROOT / ".cache" / "base")  # the converted SmolLM2, shared with other tests
     resolve_policy(DEFAULT_POLICY, ROOT / ".cache")
     env = {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
-           "NUM_CANDIDATES": "8", "MAX_NEW_TOKENS": "32", "PPO_TRIGGER_PAIRS": "1000000"}
+           "PPO_TRIGGER_PAIRS": "1000000"}
     backend = start_backend(env, timeout=300)
     try:
         project = ls_client.projects.create(title=f"hidden preference: {hidden}",
@@ -107,7 +105,8 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
     answers = {}
     for name, model in (("base", base), ("new", new)):
         torch.manual_seed(1)
-        answers[name] = [a for group in sample_completions(model, tokenizer, held_out, SAMPLES, 32) for a in group]
+        answers[name] = [a for group in sample_completions(model, tokenizer, held_out, SAMPLES,
+                                                                        Settings().max_new_tokens) for a in group]
     prompts = [p for p in held_out for _ in range(SAMPLES)]
     result = tally(answers["new"], answers["base"], preference)
     nll_base = answer_nll(base, tokenizer, prompts, answers["base"])
