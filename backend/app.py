@@ -1,6 +1,6 @@
 """The web layer: Label Studio's ML-backend HTTP contract in, calls into the loop's stages out.
 
-Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /metrics, GET /status.
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, POST /train, GET /metrics, GET /status.
 Each route parses the request, calls one function and returns JSON; bad input gets a 4xx with
 a one-line reason. Slow work never runs here: webhooks queue jobs for the worker.
 """
@@ -24,7 +24,7 @@ from backend.predictions import rank_prediction
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.store import Store
-from backend.webhooks import PayloadError, handle_webhook
+from backend.webhooks import PayloadError, handle_webhook, on_train
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,11 @@ def create_app(settings: Settings) -> Flask:
     @app.post("/webhook")
     def webhook():
         return jsonify(handle_webhook(store, json_body()))
+
+    @app.post("/train")
+    def train():
+        body = json_body()
+        return jsonify(on_train(store, body, parse_project_id(body.get("project"))))
 
     @app.get("/metrics")
     def prometheus_metrics():

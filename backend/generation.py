@@ -7,6 +7,7 @@ version that wrote it, so later stages can tell which policy an annotator judged
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +16,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 @dataclass(frozen=True)
 class Candidate:
-    id: str  # "c0", "c1", ...: the item id Label Studio's Ranker orders
+    # the item id Label Studio's Ranker orders: unique to this generation of this task ("3f9a1c2e-0", ...),
+    # so a ranking or prediction made for a task's earlier candidates can never name these
+    id: str
     body: str
     policy_version: int
+    position: int = 0  # 0, 1, ...: the answer's place in the task
 
     def as_list_item(self) -> dict:
         """The `{id, title, body}` item that `<List value="$answers">` shows."""
-        return {"id": self.id, "title": f"Answer {self.id[1:]}", "body": self.body,
+        return {"id": self.id, "title": f"Answer {self.position + 1}", "body": self.body,
                 "policy_version": self.policy_version}
 
 
@@ -78,9 +82,11 @@ def generate_candidates(
     temperature: float = 1.0,
     batch_size: int = 8,
 ) -> list[list[Candidate]]:
-    """K candidates for each prompt, tagged with the policy version that wrote them."""
+    """K candidates for each prompt, tagged with the policy version that wrote them, with ids new to this call."""
     samples = sample_completions(model, tokenizer, prompts, num_candidates, max_new_tokens, temperature, batch_size)
-    return [
-        [Candidate(id=f"c{k}", body=body, policy_version=policy_version) for k, body in enumerate(bodies)]
-        for bodies in samples
-    ]
+    candidates = []
+    for bodies in samples:
+        generation = uuid.uuid4().hex[:8]
+        candidates.append([Candidate(id=f"{generation}-{k}", body=body, policy_version=policy_version, position=k)
+                           for k, body in enumerate(bodies)])
+    return candidates

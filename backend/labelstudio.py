@@ -45,6 +45,18 @@ def write_task_data(client: LabelStudio, task_id: int, data: dict, attempts: int
             time.sleep(delay)
 
 
+def replace_predictions(client: LabelStudio, task_id: int, prediction: dict | None) -> None:
+    """Delete a task's predictions and store `prediction` instead (None: none, so Label Studio asks /predict).
+
+    Label Studio keeps a prediction until its model_version changes; after new candidates, the old one
+    orders text the task no longer shows."""
+    for old in client.predictions.list(task=task_id):
+        client.predictions.delete(id=old.id)
+    if prediction is not None and prediction.get("result"):
+        client.predictions.create(task=task_id, result=prediction["result"], score=prediction["score"],
+                                  model_version=prediction["model_version"])
+
+
 def iter_tasks(client: LabelStudio, project_id: int) -> Iterator[dict]:
     """Every task of a project as a plain dict (id, data, total_annotations, ...)."""
     for task in client.tasks.list(project=project_id, fields="all"):

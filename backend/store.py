@@ -61,6 +61,8 @@ class ProjectRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # Label Studio project id
     label_config: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+    # deleted in Label Studio: its jobs stop, its tasks and pairs stay exportable
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class TaskRow(Base):
@@ -238,9 +240,47 @@ class Store:
                 if policy_version is not None:
                     row.policy_version = policy_version
 
-    def project_ids(self) -> list[int]:
+    def delete_tasks(self, task_ids: Iterable[int]) -> int:
+        """Tasks deleted in Label Studio leave training: their annotations become tombstones (a late save
+        cannot revive them), their pairs go, their rows go. Returns how many stored tasks were deleted."""
+        ids = list(task_ids)
+        if not ids:
+            return 0
         with self.session() as s:
-            return list(s.scalars(select(ProjectRow.id).order_by(ProjectRow.id)))
+            annotations = set(s.scalars(select(AnnotationRow.id).where(AnnotationRow.task_id.in_(ids))))
+            annotations |= set(s.scalars(select(PairRow.annotation_id).where(PairRow.task_id.in_(ids))))
+            for row in s.scalars(select(AnnotationRow).where(AnnotationRow.id.in_(annotations))):
+                row.deleted = True
+            s.execute(delete(PairRow).where(PairRow.task_id.in_(ids)))
+            return s.execute(delete(TaskRow).where(TaskRow.id.in_(ids))).rowcount
+
+    def task_ids(self, project_id: int) -> set[int]:
+        with self.session() as s:
+            return set(s.scalars(select(TaskRow.id).where(TaskRow.project_id == project_id)))
+
+    def project_ids(self) -> list[int]:
+        """Projects that still exist in Label Studio, as far as the loop knows."""
+        with self.session() as s:
+            return list(s.scalars(select(ProjectRow.id).where(ProjectRow.deleted_at.is_(None)).order_by(ProjectRow.id)))
+
+    def delete_project(self, project_id: int) -> int:
+        """A project deleted in Label Studio: marked deleted, its queued jobs failed with the reason.
+        Its tasks and pairs stay, for export. Returns how many queued jobs were stopped."""
+        with self.session() as s:
+            row = s.get(ProjectRow, project_id)
+            if row is None:
+                s.add(ProjectRow(id=project_id, label_config="", deleted_at=_now()))
+            elif row.deleted_at is None:
+                row.deleted_at = _now()
+            stopped = s.execute(update(JobRow).where(JobRow.project_id == project_id, JobRow.state == "queued").values(
+                state="failed", error=f"project {project_id} was deleted in Label Studio", finished_at=_now(),
+                active_key=None))
+            return stopped.rowcount or 0
+
+    def project_deleted(self, project_id: int) -> bool:
+        with self.session() as s:
+            row = s.get(ProjectRow, project_id)
+            return row is not None and row.deleted_at is not None
 
     def tasks(self, task_ids: Iterable[int]) -> dict[int, dict]:
         with self.session() as s:
@@ -369,7 +409,9 @@ class Store:
         For EXCLUSIVE_KINDS a job that is already queued or running absorbs the request. The unique
         `active_key` makes this hold across processes: of two racing inserts, one fails and folds.
         """
-        key = f"{kind}:{project_id}"
+        # one policy update trains on every project's prompts, so "Start training" in one project and the
+        # automatic trigger (queued by a reward refit, no project) are the same run
+        key = kind if kind in EXCLUSIVE_KINDS else f"{kind}:{project_id}"
         for _ in range(3):
             try:
                 with self.session() as s:

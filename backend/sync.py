@@ -27,10 +27,12 @@ class SyncReport:
     pairs: int
     removed_annotations: int
     refused: int
+    removed_tasks: int = 0
 
     def __str__(self) -> str:
         return (f"{self.tasks} tasks, {self.annotations} annotations -> {self.pairs} pairs; "
-                f"{self.removed_annotations} deleted annotations dropped, {self.refused} refused")
+                f"{self.removed_annotations} deleted annotations dropped, {self.removed_tasks} deleted tasks "
+                f"dropped, {self.refused} refused")
 
 
 def sync_project(store: Store, client: LabelStudio, project_id: int) -> SyncReport:
@@ -41,9 +43,11 @@ def sync_project(store: Store, client: LabelStudio, project_id: int) -> SyncRepo
     # read before the tasks: an annotation created while we read is then absent from both and kept,
     # instead of being taken for deleted (ledger.sync_events)
     before = store.annotation_records()
+    known_tasks = store.task_ids(project_id)  # before too: a task imported while we read is not taken for deleted
     tasks = list(labelstudio.iter_tasks(client, project_id))
     for task in tasks:
         store.save_task(project_id, task["id"], task["data"])
+    deleted_tasks = store.delete_tasks(known_tasks - {task["id"] for task in tasks})
     events = ledger.sync_events(before, ledger.exported_saves(tasks, schema, project_id), project_id)
     for event in events:
         store.apply_annotation_event(event)
@@ -52,4 +56,5 @@ def sync_project(store: Store, client: LabelStudio, project_id: int) -> SyncRepo
         log.warning("sync: refused annotation %s: %s", refused.annotation_id, refused.refused)
     deleted = sum(len(e.annotation_ids) for e in events if isinstance(e, ledger.AnnotationsDeleted))
     return SyncReport(tasks=len(tasks), annotations=len(saves), pairs=sum(len(e.pairs) for e in saves),
-                      removed_annotations=deleted, refused=sum(bool(e.refused) for e in saves))
+                      removed_annotations=deleted, refused=sum(bool(e.refused) for e in saves),
+                      removed_tasks=deleted_tasks)

@@ -81,6 +81,15 @@ class StartTraining(BaseModel):
     project: ProjectRef
 
 
+class TasksDeleted(BaseModel):
+    tasks: list[IdRef]
+    project: ProjectRef | None = None  # absent when "delete all tasks" emits it
+
+
+class ProjectDeleted(BaseModel):
+    project: IdRef
+
+
 def parse(model: type[BaseModel], payload: dict):
     """The payload as `model`, or a PayloadError naming the first bad field in one line."""
     try:
@@ -148,6 +157,26 @@ def on_annotations_deleted(store: Store, payload: dict) -> dict:
     return {"deleted_annotations": len(ids)}
 
 
+def on_tasks_deleted(store: Store, payload: dict) -> dict:
+    """TASKS_DELETED (ids only): the tasks' pairs leave training; the reward model is refitted without them."""
+    event = parse(TasksDeleted, payload)
+    deleted = store.delete_tasks(t.id for t in event.tasks)
+    if deleted:
+        store.enqueue("fit_reward", None)
+        store.log_event("tasks_deleted", f"{deleted} deleted task(s) and their pairs left training",
+                        tasks=[t.id for t in event.tasks])
+    return {"deleted_tasks": deleted}
+
+
+def on_project_deleted(store: Store, payload: dict) -> dict:
+    """PROJECT_DELETED (an organization webhook's event): its queued jobs stop; its data stays exportable."""
+    event = parse(ProjectDeleted, payload)
+    stopped = store.delete_project(event.project.id)
+    store.log_event("project_deleted", f"project {event.project.id} was deleted in Label Studio: {stopped} queued "
+                    "job(s) stopped; its tasks and pairs stay exportable", project=event.project.id)
+    return {"stopped_jobs": stopped}
+
+
 def on_start_training(store: Store, payload: dict) -> dict:
     """Label Studio's "Start training": sync annotations, refit the reward model, run PPO whatever the pair count."""
     event = parse(StartTraining, payload)
@@ -157,12 +186,43 @@ def on_start_training(store: Store, payload: dict) -> dict:
     return {"queued": "train_policy"}
 
 
+class ExportedTask(_Record):
+    id: StrictInt
+    data: dict
+    annotations: list[dict] = []
+
+
+class TrainRequest(BaseModel):
+    """`POST /train`: what Label Studio 1.23 sends instead of START_TRAINING while its webhook flag is off."""
+    annotations: list[ExportedTask]  # every annotated task, as exported, with its annotations
+    label_config: str | None = None
+
+
+def on_train(store: Store, payload: dict, project_id: int) -> dict:
+    """Every annotated task Label Studio sent is recorded, then a policy update runs as for START_TRAINING."""
+    event = parse(TrainRequest, payload)
+    schema = project_schema(store, ProjectRef(id=project_id, label_config=event.label_config))
+    tasks = [task.model_dump() for task in event.annotations]
+    for task in tasks:
+        store.save_task(project_id, task["id"], task["data"])
+    try:
+        saves = ledger.exported_saves(tasks, schema, project_id)
+    except AnnotationError as exc:
+        raise PayloadError(str(exc)) from None
+    applied = sum(store.apply_annotation_event(saved) for saved in saves)
+    store.enqueue("fit_reward", None)
+    store.enqueue("train_policy", project_id)
+    return {"annotations": len(saves), "applied": applied, "queued": "train_policy"}
+
+
 HANDLERS = {
     "TASKS_CREATED": on_tasks_created,
     "ANNOTATION_CREATED": on_annotation_saved,
     "ANNOTATION_UPDATED": on_annotation_saved,
     "ANNOTATIONS_DELETED": on_annotations_deleted,
     "START_TRAINING": on_start_training,
+    "TASKS_DELETED": on_tasks_deleted,
+    "PROJECT_DELETED": on_project_deleted,
 }
 
 

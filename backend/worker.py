@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict
 
 import torch
+from label_studio_sdk.core.api_error import ApiError
 
 from backend import labelstudio
 from backend.evaluation import MIN_HELD_OUT_PROMPTS, compare_on_held_out, should_publish
@@ -27,6 +28,7 @@ from backend.dpo import DPOConfig
 from backend.generation import generate_candidates
 from backend.labelconfig import RankingSchema, parse_ranking_schema
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
+from backend.predictions import rank_prediction
 from backend.ppo import PPOConfig
 from backend.registry import ModelRegistry
 from backend.reward import is_held_out
@@ -71,7 +73,26 @@ class Worker:
         }.get(job.kind)
         if handler is None:
             raise ValueError(f"unknown job kind {job.kind!r}")
-        handler(job)
+        if job.project_id is not None and self.store.project_deleted(job.project_id):
+            log.info("job %d (%s) skipped: project %d was deleted in Label Studio", job.id, job.kind, job.project_id)
+            return
+        try:
+            handler(job)
+        except ApiError as exc:
+            if exc.status_code != 404 or job.project_id is None or not self.project_is_gone(job.project_id):
+                raise
+            stopped = self.store.delete_project(job.project_id)
+            self.store.log_event("project_deleted", f"project {job.project_id} no longer exists in Label Studio: "
+                                 f"{job.kind} job {job.id} and {stopped} queued job(s) stopped; its tasks and pairs "
+                                 "stay exportable", project=job.project_id)
+
+    def project_is_gone(self, project_id: int) -> bool:
+        """Label Studio answers 404 for the project itself (not only for one of its tasks)."""
+        try:
+            self.client.projects.get(id=project_id)
+        except ApiError as exc:
+            return exc.status_code == 404
+        return False
 
     # --- candidates ---
     def schema(self, project_id: int) -> RankingSchema:
@@ -99,9 +120,15 @@ class Worker:
             policy_version=policy.version, temperature=self.settings.temperature,
             batch_size=self.settings.generation_batch_size,
         )
+        # before the first reward model there is no belief to pre-order by: Label Studio asks /predict later
+        reward = self.registry.reward_model() if self.registry.reward_version() else None
+        model_version = self.registry.model_version()
         for task_id, task_candidates in zip(ids, candidates):
             data = {**todo[task_id], **schema.candidate_data([c.as_list_item() for c in task_candidates])}
             labelstudio.write_task_data(self.client, task_id, data)
+            # the task's old prediction ordered its old candidates: annotators get one for the text they see
+            labelstudio.replace_predictions(self.client, task_id, reward and rank_prediction(
+                {"data": data}, schema, reward, model_version))
             self.store.save_task(job.project_id, task_id, data, policy_version=policy.version)
         seconds = time.perf_counter() - started
         self.store.log_event("candidates", f"policy v{policy.version} wrote {count} candidates "

@@ -76,6 +76,42 @@ def test_annotations_deleted_removes_their_pairs(client, store):
     assert store.pair_count() == 0
 
 
+def test_tasks_deleted_takes_the_tasks_pairs_out_of_training(client, store):
+    """Label Studio 1.23 sends the deleted tasks' ids only (OnlyIDWebhookSerializer), with the project."""
+    created = payload("webhook_ANNOTATION_CREATED_ranker")
+    client.post("/webhook", json=created)
+    store.save_task(created["project"]["id"], created["task"]["id"], created["task"]["data"])
+    deleted = {"action": "TASKS_DELETED", "tasks": [{"id": created["task"]["id"]}], "project": created["project"]}
+    assert client.post("/webhook", json=deleted).get_json()["deleted_tasks"] == 1
+    assert store.pair_count() == 0
+    assert client.post("/webhook", json=created).get_json()["applied"] is False  # a late save stays out
+    assert client.post("/webhook", json={"action": "TASKS_DELETED", "tasks": [{"id": "x"}]}).status_code == 400
+
+
+def test_project_deleted_stops_the_projects_queued_jobs(client, store):
+    created = payload("webhook_TASKS_CREATED")
+    client.post("/webhook", json=created)
+    project_id = created["project"]["id"]
+    store.enqueue("generate", project_id, task_ids=[created["tasks"][0]["id"]])
+    body = client.post("/webhook", json={"action": "PROJECT_DELETED", "project": {"id": project_id}}).get_json()
+    assert body["stopped_jobs"] >= 1 and project_id not in store.project_ids()
+    assert all(j["state"] != "queued" for j in store.jobs() if j["project"] == project_id)
+
+
+def test_train_records_every_annotated_task_and_queues_one_policy_update(client, store):
+    """LS 1.23 POSTs /train (its webhook flag off): every annotated task, exported, with its annotations."""
+    created = payload("webhook_ANNOTATION_CREATED_ranker")
+    project = created["project"]
+    body = {"annotations": [{**created["task"], "annotations": [created["annotation"]]}],
+            "project": f"{project['id']}.1700000000", "label_config": project["label_config"], "params": {}}
+    response = client.post("/train", json=body)
+    assert response.status_code == 200 and response.get_json()["applied"] == 1
+    assert store.pair_count() == 3
+    assert client.post("/train", json=body).get_json()["applied"] == 0  # the same version is recorded once
+    assert [j["kind"] for j in store.jobs() if j["state"] == "queued"].count("train_policy") == 1
+    assert client.post("/train", json={**body, "annotations": "all"}).status_code == 400
+
+
 def test_cancelled_annotation_gives_no_pairs(client, store):
     body = copy.deepcopy(payload("webhook_ANNOTATION_CREATED_ranker"))
     body["annotation"]["was_cancelled"] = True

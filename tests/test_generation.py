@@ -8,9 +8,18 @@ def test_each_prompt_gets_k_candidates_tagged_with_the_policy_version(tiny_polic
                               max_new_tokens=6, policy_version=5, batch_size=2)
     assert [len(c) for c in out] == [3, 3, 3]
     assert all(c.policy_version == 5 for cands in out for c in cands)
-    assert [c.id for c in out[0]] == ["c0", "c1", "c2"]
     item = out[0][0].as_list_item()
     assert set(item) == {"id", "title", "body", "policy_version"}
+    assert [c.as_list_item()["title"] for c in out[0]] == ["Answer 1", "Answer 2", "Answer 3"]
+
+
+def test_candidate_ids_are_unique_to_their_generation(tiny_policy):
+    """Regenerated candidates never reuse an id, so no old ranking or prediction can name the new text."""
+    model, tokenizer = load_causal_lm(str(tiny_policy))
+    first, again = (generate_candidates(model, tokenizer, ["Hi", "Hi"], num_candidates=3, max_new_tokens=4,
+                                        policy_version=0) for _ in range(2))
+    ids = [c.id for cands in first + again for c in cands]
+    assert len(set(ids)) == len(ids) == 12
 
 
 def test_instruct_prompts_are_rendered_with_the_chat_template(tiny_policy):

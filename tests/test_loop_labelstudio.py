@@ -38,6 +38,15 @@ def task_list(ls_client, project_id: int) -> list[dict]:
     return [t.model_dump() for t in ls_client.tasks.list(project=project_id, fields="all")]
 
 
+def predicted_ids(ls_client, task_id: int) -> list[list[str]]:
+    """The candidate ids each of a task's predictions ranks."""
+    return [p.result[0]["value"]["ranker"]["rank"] for p in ls_client.predictions.list(task=task_id)]
+
+
+def candidate_ids(task: dict) -> list[str]:
+    return [c["id"] for c in task["data"]["answers"]]
+
+
 def candidate_versions(task: dict) -> set:
     return {c.get("policy_version") for c in task["data"].get("answers") or []}
 
@@ -70,6 +79,11 @@ def test_loop_runs_from_import_through_the_policy_update_to_fresh_candidates(loo
                      120, "candidates in every task")
     assert all(candidate_versions(t) == {0} for t in tasks)
     assert sorted(t["data"]["prompt"] for t in tasks) == sorted(PROMPTS)
+    # Label Studio stores a prediction for each task's v0 candidates, as it does when annotators open them
+    ls_client.actions.create(id="retrieve_tasks_predictions", project=project_id,
+                             selected_items={"all": True, "excluded": []})
+    assert all(sorted(predicted_ids(ls_client, t["id"])[0]) == sorted(candidate_ids(t)) for t in tasks)
+    v0_ids = {t["id"]: set(candidate_ids(t)) for t in tasks}
 
     # an annotator ranks two tasks: 2 x 3 pairs reach PPO_TRIGGER_PAIRS=6
     annotated = tasks[:2]
@@ -95,5 +109,11 @@ def test_loop_runs_from_import_through_the_policy_update_to_fresh_candidates(loo
     tasks = wait_for(lambda: (ts := task_list(ls_client, project_id)) and all(
         candidate_versions(t) == {1} for t in ts if t["id"] not in annotated_ids) and ts, 120, "fresh candidates from v1")
     assert all(candidate_versions(t) == {0} for t in tasks if t["id"] in annotated_ids)
+    # regenerated candidates have ids of their own, and the one prediction left orders exactly them
+    fresh = [t for t in tasks if t["id"] not in annotated_ids]
+    assert all(not set(candidate_ids(t)) & v0_ids[t["id"]] for t in fresh)
+    for task in fresh:
+        predictions = predicted_ids(ls_client, task["id"])
+        assert len(predictions) == 1 and sorted(predictions[0]) == sorted(candidate_ids(task)), (task, predictions)
     assert "policy-v1" in requests.post(f"{backend.url}/setup", json={
         "project": f"{project_id}.1", "schema": (ROOT / "templates/ranker.xml").read_text()}, timeout=5).json()["model_version"]

@@ -105,6 +105,12 @@ def test_only_one_policy_update_is_queued_or_running_at_a_time(store):
     assert store.enqueue("train_policy", None) != first
 
 
+def test_start_training_and_the_automatic_trigger_queue_one_policy_update(store):
+    by_button = store.enqueue("train_policy", 7)  # START_TRAINING names its project
+    assert store.enqueue("train_policy", None) == by_button  # the trigger after a reward refit does not
+    assert store.enqueue("train_policy", 8) == by_button
+
+
 def test_twin_jobs_queued_from_two_processes_fold_into_one(store_url):
     import multiprocessing
 
@@ -194,3 +200,24 @@ def test_pair_orders_name_candidates_by_id_or_else_by_text_for_agreement(store):
     assert [(o["annotator"], o["chosen_id"], o["rejected_id"]) for o in orders] == [
         (1, "id-x", "id-y"), (2, "id-x", "id-y"), (3, "y", "x")]
     assert pairwise_agreement(orders) == pairwise_agreement(store.pairs())
+
+
+def test_a_deleted_task_takes_its_pairs_out_of_training_and_a_late_save_stays_out(store):
+    store.save_task(1, 2, {"prompt": "p"})
+    store.save_task(1, 3, {"prompt": "q"})
+    store.apply_annotation_event(_saved(10, "2026-01-01T00:00:00Z", 2))  # on task 2
+    assert store.delete_tasks([2, 99]) == 1
+    assert store.pair_count() == 0 and store.task_ids(1) == {3}
+    assert not store.apply_annotation_event(_saved(10, "2026-02-01T00:00:00Z"))  # tombstoned, not revived
+    assert store.pair_count() == 0
+
+
+def test_a_deleted_project_stops_its_queued_jobs_and_keeps_its_pairs(store):
+    store.save_project(1, "<View/>")
+    store.save_project(2, "<View/>")
+    store.apply_annotation_event(_saved(10, "2026-01-01T00:00:00Z"))
+    mine, other = store.enqueue("generate", 1, task_ids=[5]), store.enqueue("generate", 2, task_ids=[6])
+    assert store.delete_project(1) == 1
+    assert store.job_state(mine) == "failed" and store.job_state(other) == "queued"
+    assert store.project_ids() == [2] and store.project_deleted(1) and not store.project_deleted(2)
+    assert store.pair_count(project_id=1) == 1  # still exportable

@@ -51,3 +51,43 @@ def test_sync_makes_the_store_equal_to_label_studios_annotations(tmp_path, tiny_
     ls_client.annotations.update(id=kept.id, result=rank("c1", "c0", "c2"))
     assert "1 deleted annotations dropped" in run_sync(env, project.id)
     assert {(p.chosen, p.rejected) for p in store.pairs(project.id)} == {("5", "4"), ("5", "four"), ("4", "four")}
+
+
+def test_a_task_deleted_in_label_studio_leaves_training_by_webhook_and_by_sync(tiny_env, label_studio, ls_client):
+    import time
+
+    import requests
+
+    from backend.local_servers import start_backend
+
+    env = {**tiny_env, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
+           "PPO_TRIGGER_PAIRS": "1000000"}
+    project = ls_client.projects.create(title="deleted tasks", label_config=(ROOT / "templates/ranker.xml").read_text())
+    backend = start_backend(env)
+    try:
+        ls_client.ml.create(project=project.id, url=backend.url, title="rlhf", is_interactive=False)
+        ls_client.projects.import_tasks(id=project.id, request=[
+            {"data": {"prompt": f"Question {i}?", "answers": answers("yes", "no")}} for i in range(3)])
+        first, second, third = [t.id for t in ls_client.tasks.list(project=project.id)]
+        for task_id in (first, second, third):
+            ls_client.annotations.create(id=task_id, result=rank("c0", "c1"))
+
+        def pairs() -> int:
+            return requests.get(f"{backend.url}/status", timeout=5).json()["pairs"]
+
+        deadline = time.monotonic() + 30
+        while pairs() < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pairs() == 3
+        ls_client.tasks.delete(id=str(first))  # Label Studio sends TASKS_DELETED with the id only
+        deadline = time.monotonic() + 30
+        while pairs() > 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pairs() == 2
+    finally:
+        backend.stop()
+
+    ls_client.tasks.delete(id=str(second))  # while no backend listens: the next sync drops it
+    assert "1 deleted tasks dropped" in run_sync(env, project.id)
+    store = Store(f"sqlite:///{Path(env['MODEL_DIR']) / 'store.sqlite3'}")
+    assert [p.task_id for p in store.pairs(project.id)] == [third]

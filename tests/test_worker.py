@@ -228,3 +228,44 @@ def test_train_device_auto_is_the_cpu_and_cuda_without_a_gpu_names_the_fix():
     assert training_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="TRAIN_DEVICE=cuda but torch sees no GPU: set TRAIN_DEVICE=auto or cpu"):
         training_device("cuda")
+
+
+class GoneProject:
+    """A Label Studio client whose project was deleted: every project and task call answers 404."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from label_studio_sdk.core.api_error import ApiError
+
+        def gone(**_):
+            raise ApiError(status_code=404, body={"detail": "Not found."})
+
+        self.projects = SimpleNamespace(get=gone)
+        self.tasks = SimpleNamespace(list=gone, update=gone)
+
+
+def test_a_job_of_a_project_deleted_in_label_studio_stops_it_and_its_queued_jobs(tiny_env):
+    worker = make_worker(tiny_env)
+    seed_project(worker.store)
+    worker._client = GoneProject()
+    queued = worker.store.enqueue("regenerate", 1)
+    worker.run(Job(id=0, kind="sync", project_id=1, payload={}))  # no exception: the worker goes on
+    assert worker.store.project_deleted(1) and worker.store.job_state(queued) == "failed"
+    assert worker.store.last_event_data("project_deleted")["project"] == 1
+    assert worker.store.pair_count(project_id=1) == 12  # kept for export
+
+
+def test_a_404_for_one_task_of_a_live_project_still_fails_the_job(tiny_env):
+    from types import SimpleNamespace
+
+    from label_studio_sdk.core.api_error import ApiError
+
+    worker = make_worker(tiny_env)
+    seed_project(worker.store)
+    client = GoneProject()
+    client.projects = SimpleNamespace(get=lambda **_: SimpleNamespace(label_config=RANKER))
+    worker._client = client
+    with pytest.raises(ApiError):
+        worker.run(Job(id=0, kind="sync", project_id=1, payload={}))
+    assert not worker.store.project_deleted(1)
