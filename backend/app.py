@@ -7,7 +7,6 @@ a one-line reason. Slow work never runs here: webhooks queue jobs for the worker
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend import __version__
 from backend.agreement import annotator_consistency, pairwise_agreement
+from backend.auth import basic_auth_header, credentials_match, header_digest
 from backend.labelconfig import LabelConfigError, parse_ranking_schema
 from backend.predictions import rank_prediction
 from backend.registry import ModelRegistry
@@ -42,16 +42,13 @@ def create_app(settings: Settings) -> Flask:
     metrics = CollectorRegistry()
     metrics.register(StoreCollector(store, registry))
 
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024  # larger bodies: 413, unread
+
     @app.before_request
     def require_basic_auth():
-        if settings.basic_auth is None:
+        if settings.basic_auth is None or request.path == "/health":  # liveness probes carry no credentials
             return None
-        auth = request.authorization
-        ok = auth is not None and all(
-            hmac.compare_digest(given or "", expected)
-            for given, expected in zip((auth.username, auth.password), settings.basic_auth)
-        )
-        if not ok:
+        if not credentials_match(request.headers.get("Authorization"), settings.basic_auth):
             return Response('{"error": "basic auth required"}\n', 401, {"WWW-Authenticate": 'Basic realm="rlhf"'},
                             mimetype="application/json")
         return None
@@ -72,6 +69,10 @@ def create_app(settings: Settings) -> Flask:
         except LabelConfigError as exc:
             raise PayloadError(str(exc)) from None
         store.save_project(project_id, schema_xml)
+        # the webhook Label Studio creates for us sends no credentials: the worker gives it ours, once
+        if settings.basic_auth is not None and store.webhook_auth(project_id) != header_digest(
+                basic_auth_header(settings.basic_auth)):
+            store.enqueue("secure_webhook", project_id)
         return jsonify(model_version=registry.model_version())
 
     @app.post("/predict")
@@ -80,6 +81,9 @@ def create_app(settings: Settings) -> Flask:
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise PayloadError("'tasks' must be a list of task objects")
+        if len(tasks) > settings.max_predict_tasks:
+            raise PayloadError(f"'tasks' has {len(tasks)} tasks, more than MAX_PREDICT_TASKS "
+                               f"{settings.max_predict_tasks}: ask for fewer at a time, or raise the setting")
         config = body.get("label_config") or store.label_config(parse_project_id(body.get("project")))
         if not config:
             raise PayloadError("no 'label_config' in the request and none stored for the project: call /setup first")
@@ -115,7 +119,7 @@ def create_app(settings: Settings) -> Flask:
             reward_versions=[vars(v) for v in store.versions("reward")],
             jobs=store.job_counts(),
             recent_jobs=store.jobs(),
-            events=store.events(after_id=int(request.args.get("after", 0) or 0)),
+            events=store.events(after_id=event_cursor(request.args.get("after"))),
         )
 
     @app.errorhandler(PayloadError)
@@ -139,6 +143,15 @@ def json_body() -> dict:
     if not isinstance(body, dict):
         raise PayloadError("request body must be a JSON object (Content-Type: application/json)")
     return body
+
+
+def event_cursor(value: str | None) -> int:
+    """`/status?after=ID`: events newer than ID (0: from the first)."""
+    if value is None or value == "":
+        return 0
+    if not re.fullmatch(r"[0-9]{1,18}", value):
+        raise PayloadError(f"'after' must be an event id (a whole number >= 0), got {value[:40]!r}")
+    return int(value)
 
 
 def parse_project_id(value) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,16 @@ from backend.reward_cli import reward_app
 from backend.settings import SettingsError, load_settings
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="An RLHF loop inside Label Studio.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _settings():
@@ -28,7 +39,12 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to bind"),
           port: int = typer.Option(9090, help="Port to bind"),
           workers: int = typer.Option(2, help="gunicorn web workers")) -> None:
     """Serve the ML backend with gunicorn, plus one training worker process."""
-    _settings()  # fail here, with one line, rather than inside every gunicorn worker
+    settings = _settings()  # fail here, with one line, rather than inside every gunicorn worker
+    if not is_loopback(host) and settings.basic_auth is None and not settings.allow_unauthenticated:
+        typer.echo(f"error: --host {host} would let anyone who reaches port {port} write into your Label Studio "
+                   "tasks and train on forged rankings: set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter them "
+                   "in Label Studio's model connection), or ALLOW_UNAUTHENTICATED=true on a trusted network", err=True)
+        raise typer.Exit(2)
     args = [sys.executable, "-m", "gunicorn", "-c", "python:backend.gunicorn_conf",
             "--bind", f"{host}:{port}", "--workers", str(workers), "backend.wsgi:app"]
     os.execv(sys.executable, args)
@@ -92,7 +108,7 @@ def train(project: int = typer.Option(..., "--project", help="Label Studio proje
 
     store = Store(_settings().store_url)
     store.create_schema()
-    last_event = max((e["id"] for e in store.events(limit=1_000_000)), default=0)
+    last_event = max((e["id"] for e in store.events(limit=1)), default=0)  # the newest
     store.enqueue("sync", project)  # as "Start training" does: catch up with Label Studio first
     job_id = store.enqueue("train_policy", project)  # absorbed by a run already queued or running
     typer.echo(f"policy update queued as job {job_id}")

@@ -57,6 +57,12 @@ def replace_predictions(client: LabelStudio, task_id: int, prediction: dict | No
                                   model_version=prediction["model_version"])
 
 
+def backend_webhooks(client: LabelStudio, project_id: int) -> list:
+    """The project's webhooks to `/webhook` of one of its ML connections: the ones Label Studio creates."""
+    urls = {ml.url.rstrip("/") + "/webhook" for ml in client.ml.list(project=project_id) if ml.url}
+    return [hook for hook in client.webhooks.list(project=str(project_id)) if hook.url.rstrip("/") in urls]
+
+
 def iter_tasks(client: LabelStudio, project_id: int) -> Iterator[dict]:
     """Every task of a project as a plain dict (id, data, total_annotations, ...)."""
     for task in client.tasks.list(project=project_id, fields="all"):

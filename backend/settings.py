@@ -75,8 +75,13 @@ class Settings(BaseModel):
     lora_rank: int = Field(16, ge=0, le=256, description="LoRA rank of policy updates; 0 fine-tunes every weight")
 
     # --- serving ---
-    basic_auth_user: str = Field("", description="If set with BASIC_AUTH_PASS, every route needs HTTP basic auth")
+    basic_auth_user: str = Field("", description="If set with BASIC_AUTH_PASS, every route but /health needs HTTP basic auth")
     basic_auth_pass: str = Field("", description="Password of BASIC_AUTH_USER")
+    allow_unauthenticated: bool = Field(
+        False, description="Let `serve` listen beyond loopback without basic auth (trusted networks only)")
+    max_request_mb: int = Field(32, ge=1, le=1024, description="Largest request body accepted (MiB); larger gets 413")
+    max_predict_tasks: int = Field(
+        5000, ge=1, le=1_000_000, description="Most tasks one /predict may carry (Label Studio sends every task it retrieves for in one request)")
     train_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the worker trains policies and runs their held-out check; auto = cuda if available")
     torch_threads: int = Field(0, ge=0, le=256, description="torch threads in the worker; 0 = torch's default")

@@ -63,6 +63,8 @@ class ProjectRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
     # deleted in Label Studio: its jobs stop, its tasks and pairs stay exportable
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # sha256 of the Authorization header the worker gave the project's webhook (never the header itself)
+    webhook_auth: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class TaskRow(Base):
@@ -153,7 +155,7 @@ class EventRow(Base):
 
 
 # Lower runs first: a reward refit takes milliseconds and makes /predict current, PPO takes minutes.
-JOB_PRIORITY = {"sync": 0, "fit_reward": 0, "generate": 1, "regenerate": 1, "train_policy": 2}
+JOB_PRIORITY = {"sync": 0, "fit_reward": 0, "secure_webhook": 0, "generate": 1, "regenerate": 1, "train_policy": 2}
 # Kinds of which at most one may be queued or running at a time: one trigger, one PPO run.
 EXCLUSIVE_KINDS = {"train_policy"}
 
@@ -276,6 +278,17 @@ class Store:
                 state="failed", error=f"project {project_id} was deleted in Label Studio", finished_at=_now(),
                 active_key=None))
             return stopped.rowcount or 0
+
+    def webhook_auth(self, project_id: int) -> str | None:
+        with self.session() as s:
+            row = s.get(ProjectRow, project_id)
+            return row.webhook_auth if row else None
+
+    def set_webhook_auth(self, project_id: int, digest: str) -> None:
+        with self.session() as s:
+            row = s.get(ProjectRow, project_id)
+            if row is not None:
+                row.webhook_auth = digest
 
     def project_deleted(self, project_id: int) -> bool:
         with self.session() as s:
@@ -501,8 +514,13 @@ class Store:
             return s.scalar(select(EventRow.data).where(EventRow.kind == kind).order_by(EventRow.id.desc()).limit(1))
 
     def events(self, after_id: int = 0, limit: int = 100) -> list[dict]:
+        """The `limit` events after `after_id`, oldest first; with no cursor, the newest `limit`."""
         with self.session() as s:
-            rows = s.scalars(select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id).limit(limit))
+            if after_id:
+                query = select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id).limit(limit)
+                rows = list(s.scalars(query))
+            else:
+                rows = list(s.scalars(select(EventRow).order_by(EventRow.id.desc()).limit(limit)))[::-1]
             return [{"id": r.id, "kind": r.kind, "message": r.message, "data": r.data,
                      "at": r.created_at.isoformat()} for r in rows]
 

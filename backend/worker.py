@@ -23,6 +23,7 @@ import torch
 from label_studio_sdk.core.api_error import ApiError
 
 from backend import labelstudio
+from backend.auth import basic_auth_header, header_digest
 from backend.evaluation import MIN_HELD_OUT_PROMPTS, compare_on_held_out, should_publish
 from backend.dpo import DPOConfig
 from backend.generation import generate_candidates
@@ -70,6 +71,7 @@ class Worker:
             "fit_reward": self.fit_reward,
             "train_policy": self.train_policy,
             "sync": self.sync,
+            "secure_webhook": self.secure_webhook,
         }.get(job.kind)
         if handler is None:
             raise ValueError(f"unknown job kind {job.kind!r}")
@@ -151,6 +153,31 @@ class Worker:
         self.store.log_event("sync", f"project {job.project_id} synced: {report}", project=job.project_id)
         if self.store.pair_count() != before or report.removed_annotations:
             self.store.enqueue("fit_reward", None)
+
+    def secure_webhook(self, job: Job, wait_seconds: float = 5.0) -> None:
+        """Give the webhook Label Studio created for this backend the Authorization header it lacks.
+
+        Label Studio sends /setup while it validates a new connection, just before it creates the
+        webhook, so the webhook may take a moment to appear."""
+        if self.settings.basic_auth is None:
+            return
+        header = basic_auth_header(self.settings.basic_auth)
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            hooks = labelstudio.backend_webhooks(self.client, job.project_id)
+            if hooks or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for hook in hooks:
+            if (hook.headers or {}).get("Authorization") != header:
+                self.client.webhooks.update(id=hook.id, url=hook.url,
+                                            headers={**(hook.headers or {}), "Authorization": header})
+                self.store.log_event("webhook_secured", f"project {job.project_id}: webhook {hook.id} to {hook.url} "
+                                     "now sends the backend's basic-auth credentials", project=job.project_id)
+        if hooks:
+            self.store.set_webhook_auth(job.project_id, header_digest(header))
+        else:
+            log.warning("project %s has no webhook to this backend: its events cannot arrive", job.project_id)
 
     # --- reward model ---
     def fit_reward(self, job: Job) -> None:

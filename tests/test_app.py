@@ -173,12 +173,58 @@ def test_predict_returns_one_ranker_result_per_task_in_order(client):
     assert 0.0 <= results[0]["score"] <= 1.0
 
 
-def test_basic_auth_guards_every_route_when_configured(tiny_env):
+def test_basic_auth_guards_every_route_but_health_when_configured(tiny_env):
     app = create_app(load_settings({**tiny_env, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "secret"}))
     client = app.test_client()
-    assert client.get("/health").status_code == 401
-    assert client.get("/health", auth=("ls", "secret")).status_code == 200
-    assert client.get("/health", auth=("ls", "wrong")).status_code == 401
+    assert client.get("/health").status_code == 200  # liveness probes carry no credentials
+    for method, route in (("get", "/status"), ("get", "/metrics"), ("post", "/webhook"), ("post", "/predict"),
+                          ("post", "/setup"), ("post", "/train")):
+        assert getattr(client, method)(route, json={}).status_code == 401, route
+        assert getattr(client, method)(route, json={}, auth=("ls", "wrong")).status_code == 401, route
+        assert getattr(client, method)(route, json={}, auth=("LS", "secret")).status_code == 401, route
+    assert client.get("/status", auth=("ls", "secret")).status_code == 200
+
+
+@pytest.mark.parametrize("header", ["Basic " + __import__("base64").b64encode("jürgen:pässwörd".encode()).decode(),
+                                    "Basic " + __import__("base64").b64encode(b"\xff\xfe:\x00").decode(),
+                                    "Basic !!!notbase64", "Bearer abc", "Basic ", "Digest username=ls"])
+def test_odd_credentials_get_401_not_500(tiny_env, header):
+    app = create_app(load_settings({**tiny_env, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "secret"}))
+    assert app.test_client().get("/status", headers={"Authorization": header}).status_code == 401
+
+
+def test_a_non_ascii_user_name_can_be_the_configured_one(tiny_env):
+    app = create_app(load_settings({**tiny_env, "BASIC_AUTH_USER": "jürgen", "BASIC_AUTH_PASS": "pässwörd"}))
+    assert app.test_client().get("/status", auth=("jürgen", "pässwörd")).status_code == 200
+
+
+def test_a_body_over_the_size_limit_gets_413_unread(tiny_env):
+    client = create_app(load_settings({**tiny_env, "MAX_REQUEST_MB": "1"})).test_client()
+    response = client.post("/webhook", data=b"{" + b" " * (2 * 1024 * 1024) + b"}", content_type="application/json")
+    assert response.status_code == 413 and "error" in response.get_json()
+
+
+def test_predict_refuses_more_tasks_than_the_cap_with_the_setting_to_raise(tiny_env):
+    client = create_app(load_settings({**tiny_env, "MAX_PREDICT_TASKS": "2"})).test_client()
+    body = {**payload("predict_batch_via_retrieve_action_ranker")}
+    body["tasks"] = [body["tasks"][0]] * 3
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400 and "MAX_PREDICT_TASKS" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("after", ["x", "-1", "1.5", "99999999999999999999999", "²"])
+def test_status_refuses_a_bad_event_cursor_with_400(client, after):
+    response = client.get("/status", query_string={"after": after})
+    assert response.status_code == 400 and "'after'" in response.get_json()["error"]
+
+
+def test_status_without_a_cursor_shows_the_newest_events(client, store):
+    for i in range(150):
+        store.log_event("note", f"event {i}")
+    events = client.get("/status").get_json()["events"]
+    assert len(events) == 100 and events[-1]["message"] == "event 149" and events[0]["message"] == "event 50"
+    newer = client.get("/status", query_string={"after": events[0]["id"]}).get_json()["events"]
+    assert newer[0]["message"] == "event 51"
 
 
 def test_metrics_expose_pair_count_from_the_store(client):
@@ -197,3 +243,19 @@ def test_status_reports_pairwise_agreement_between_two_annotators(client):
     agreement = client.get("/status").get_json()["agreement"]
     assert agreement["pairwise"] == {"rate": pytest.approx(2 / 3), "compared": 3}
     assert set(agreement["annotators"]) == {"1", "2"}
+
+
+def test_setup_behind_auth_queues_securing_the_webhook_until_it_has_the_credentials(tiny_env):
+    from backend.auth import basic_auth_header, header_digest
+
+    app = create_app(load_settings({**tiny_env, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "secret"}))
+    client, store = app.test_client(), app.extensions["rlhf"]["store"]
+    body = payload("setup")
+    assert client.post("/setup", json=body, auth=("ls", "secret")).status_code == 200
+    queued = [j for j in store.jobs() if j["kind"] == "secure_webhook"]
+    assert len(queued) == 1 and queued[0]["state"] == "queued"
+    store.finish_job(queued[0]["id"])
+    store.set_webhook_auth(queued[0]["project"], header_digest(basic_auth_header(("ls", "secret"))))
+    client.post("/setup", json=body, auth=("ls", "secret"))
+    assert len([j for j in store.jobs() if j["kind"] == "secure_webhook"]) == 1  # done once, not per /setup
+    assert "secret" not in str(store.events()) and "secret" not in str(store.jobs())

@@ -96,3 +96,20 @@ def test_train_queues_one_policy_update_after_a_sync(env):
     store = Store(load_settings(env).store_url)
     kinds = [store.claim_job("t").kind for _ in range(2)]
     assert kinds == ["sync", "train_policy"] and store.claim_job("t") is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "backend.example.com"])
+def test_serve_beyond_loopback_without_auth_is_refused_with_the_fix(env, host, monkeypatch):
+    monkeypatch.setattr("os.execv", lambda *a: pytest.fail("serve started without auth"))
+    result = run(env, "serve", "--host", host)
+    assert result.exit_code == 2 and "BASIC_AUTH_USER" in result.output and "ALLOW_UNAUTHENTICATED" in result.output
+
+
+@pytest.mark.parametrize("extra, host", [({}, "127.0.0.1"), ({}, "localhost"), ({}, "::1"),
+                                         ({"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw"}, "0.0.0.0"),
+                                         ({"ALLOW_UNAUTHENTICATED": "true"}, "0.0.0.0")])
+def test_serve_starts_on_loopback_with_auth_or_when_told_the_network_is_trusted(env, extra, host, monkeypatch):
+    started = []
+    monkeypatch.setattr("os.execv", lambda path, args: started.append(args))
+    result = run({**env, **extra}, "serve", "--host", host)
+    assert result.exit_code == 0 and f"{host}:9090" in started[0]
