@@ -23,7 +23,7 @@ from backend.labelconfig import LabelConfigError, parse_ranking_schema
 from backend.predictions import rank_prediction
 from backend.registry import ModelRegistry
 from backend.settings import Settings
-from backend.store import Store
+from backend.store import WORKER_ALIVE_SECONDS, Store
 from backend.webhooks import PayloadError, handle_webhook, on_train
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ def create_app(settings: Settings) -> Flask:
 
     @app.get("/health")
     def health():
-        return jsonify(status="UP", model_class=MODEL_CLASS, version=__version__)
+        # the web layer answers; whether anything will act on what it queues is the worker's liveness
+        workers = store.live_workers(WORKER_ALIVE_SECONDS)
+        return jsonify(status="UP", model_class=MODEL_CLASS, version=__version__,
+                       training_workers={"alive": len(workers), "busy": sum(w["job"] is not None for w in workers)})
 
     @app.post("/setup")
     def setup():
@@ -175,6 +178,8 @@ class StoreCollector:
                                 value=self.registry.policy_version())
         yield GaugeMetricFamily("rlhf_reward_version", "Newest published reward-model version",
                                 value=self.registry.reward_version())
+        yield GaugeMetricFamily("rlhf_training_workers_alive", "Training workers that beat within "
+                                f"{WORKER_ALIVE_SECONDS:.0f} s", value=len(self.store.live_workers(WORKER_ALIVE_SECONDS)))
         jobs = GaugeMetricFamily("rlhf_jobs", "Jobs in the queue by state", labels=["state"])
         for state, count in self.store.job_counts().items():
             jobs.add_metric([state], count)

@@ -51,12 +51,22 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to bind"),
 
 
 @cli.command()
-def worker() -> None:
-    """Run the training worker alone (generation, reward fitting, PPO)."""
+def worker(supervised: bool = typer.Option(True, help="Restart the worker whenever it dies (--no-supervised: "
+                                                     "run one worker process in the foreground)")) -> None:
+    """Run the training worker alone (generation, reward fitting, PPO); several may share one store."""
     configure_logging()
+    settings = _settings()
+    if supervised:
+        from backend.store import Store
+        from backend.supervisor import supervise
+
+        store = Store(settings.store_url)
+        store.create_schema()
+        supervise([sys.executable, "-m", "backend.cli", "worker", "--no-supervised"], store)
+        return
     from backend.worker import run_worker
 
-    run_worker(_settings())
+    run_worker(settings)
 
 
 @cli.command("import")

@@ -1,4 +1,4 @@
-"""gunicorn hooks: start one training worker process beside the web workers, and stop it with them.
+"""gunicorn hooks: start one supervised training worker beside the web workers, and stop it with them.
 
 Used by `rlhf-backend serve`; with plain gunicorn: `gunicorn -c python:backend.gunicorn_conf backend.wsgi:app`.
 The training worker is a separate process (not a thread in a web worker) so a PPO run never
@@ -16,7 +16,7 @@ _training = {}
 
 def when_ready(server):
     _training["process"] = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"])
-    server.log.info("training worker started (pid %s)", _training["process"].pid)
+    server.log.info("training worker supervisor started (pid %s)", _training["process"].pid)
 
 
 def on_exit(server):
@@ -24,6 +24,6 @@ def on_exit(server):
     if process and process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=30)  # the supervisor gives its worker 20 s to finish its job
         except subprocess.TimeoutExpired:
             process.kill()

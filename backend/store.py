@@ -11,11 +11,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from alembic import command as alembic_command
@@ -135,6 +136,19 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims so far
+    # the lease: the running job's worker beats; a job whose beat is older than the lease is retried
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WorkerRow(Base):
+    """A worker process's liveness: /health and /metrics read it, from any web worker."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job it runs
 
 
 class EmbeddingRow(Base):
@@ -156,8 +170,19 @@ class EventRow(Base):
 
 # Lower runs first: a reward refit takes milliseconds and makes /predict current, PPO takes minutes.
 JOB_PRIORITY = {"sync": 0, "fit_reward": 0, "secure_webhook": 0, "generate": 1, "regenerate": 1, "train_policy": 2}
+# A worker beats every HEARTBEAT_SECONDS; a running job whose worker has not beaten for JOB_LEASE_SECONDS
+# was lost with it (SIGKILL, OOM, a dead machine) and is retried, at most MAX_JOB_ATTEMPTS claims in all.
+HEARTBEAT_SECONDS = 5.0
+JOB_LEASE_SECONDS = 60.0
+MAX_JOB_ATTEMPTS = 3
+WORKER_ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # /health and /metrics count a worker alive within this
 # Kinds of which at most one may be queued or running at a time: one trigger, one PPO run.
 EXCLUSIVE_KINDS = {"train_policy"}
+
+
+def worker_name(pid: int) -> str:
+    """How a worker process is known in the store (and how its supervisor finds its jobs)."""
+    return f"{socket.gethostname()}:{pid}"
 
 
 @dataclass(frozen=True)
@@ -457,7 +482,8 @@ class Store:
             )
             claimed = s.execute(
                 update(JobRow).where(JobRow.id == next_id, JobRow.state == "queued")
-                .values(state="running", claimed_by=token, started_at=_now())
+                .values(state="running", claimed_by=token, started_at=_now(), heartbeat_at=_now(),
+                        attempts=JobRow.attempts + 1)
             )
             if not claimed.rowcount:
                 return None
@@ -471,11 +497,53 @@ class Store:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(
                 state="failed" if error else "done", error=error, finished_at=_now(), active_key=None))
 
-    def requeue_running_jobs(self) -> int:
-        """Jobs a killed worker left running go back to the queue (called when a worker starts)."""
+    def release_jobs_of(self, worker_id: str, max_attempts: int | None) -> int:
+        """The running jobs of a worker known to be gone go back to the queue now, not after their lease.
+        max_attempts None: it was stopped on purpose (SIGTERM past its grace), the attempt is not spent;
+        otherwise it died, and a job out of attempts fails with the reason. Returns how many."""
         with self.session() as s:
-            result = s.execute(update(JobRow).where(JobRow.state == "running").values(state="queued", claimed_by=None))
-            return result.rowcount or 0
+            rows = list(s.scalars(select(JobRow).where(JobRow.state == "running",
+                                                       JobRow.claimed_by.like(f"{worker_id}:%")).with_for_update()))
+            for row in rows:
+                if max_attempts is None:
+                    row.attempts -= 1
+                _requeue_or_fail(row, max_attempts)
+            return len(rows)
+
+    def beat(self, worker_id: str, job_id: int | None) -> None:
+        """A worker is alive (and still runs `job_id`): renews its record and its job's lease."""
+        with self.session() as s:
+            row = s.get(WorkerRow, worker_id)
+            if row is None:
+                s.add(WorkerRow(id=worker_id, job_id=job_id))
+            else:
+                row.beat_at, row.job_id = _now(), job_id
+            if job_id is not None:
+                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "running")
+                          .values(heartbeat_at=_now()))
+
+    def retire_worker(self, worker_id: str) -> None:
+        """A worker that stops cleanly leaves no record that looks like a dead one."""
+        with self.session() as s:
+            s.execute(delete(WorkerRow).where(WorkerRow.id == worker_id))
+
+    def live_workers(self, within_seconds: float) -> list[dict]:
+        """Workers that beat within the last `within_seconds`."""
+        since = _now() - timedelta(seconds=within_seconds)
+        with self.session() as s:
+            rows = s.scalars(select(WorkerRow).where(WorkerRow.beat_at >= since).order_by(WorkerRow.id))
+            return [{"id": r.id, "job": r.job_id, "beat_at": _aware(r.beat_at).isoformat()} for r in rows]
+
+    def requeue_stale_jobs(self, lease_seconds: float, max_attempts: int) -> int:
+        """Running jobs whose worker stopped beating go back to the queue, or fail once they used their
+        attempts, with the reason. A job whose worker still beats is left alone, whoever asks."""
+        stale_before = _now() - timedelta(seconds=lease_seconds)
+        with self.session() as s:
+            rows = list(s.scalars(select(JobRow).where(JobRow.state == "running",
+                                                       JobRow.heartbeat_at < stale_before).with_for_update()))
+            for row in rows:
+                _requeue_or_fail(row, max_attempts)
+            return len(rows)
 
     def job_state(self, job_id: int) -> str | None:
         with self.session() as s:
@@ -553,10 +621,24 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _requeue_or_fail(row: JobRow, max_attempts: int | None) -> None:
+    """A running job whose worker is gone: back in the queue, or failed once it used its attempts."""
+    if max_attempts is not None and row.attempts >= max_attempts:
+        row.state, row.finished_at, row.active_key = "failed", _now(), None
+        row.error = (f"its worker stopped (killed or lost) during each of {row.attempts} attempts; "
+                     f"the last was {row.claimed_by}")
+    else:  # an exclusive kind's job kept its key while it ran, so it still absorbs twins
+        row.state, row.claimed_by, row.heartbeat_at = "queued", None, None
+
+
 def _merge_payload(old: dict, task_ids: Iterable[int], extra: dict) -> dict:
     merged = {**old, **extra}
     merged["task_ids"] = sorted(set(old.get("task_ids", [])) | set(task_ids))
     return merged
+
+
+def _aware(stamp: datetime) -> datetime:
+    return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp  # SQLite keeps no time zone
 
 
 def _annotation_record(row: AnnotationRow | None) -> ledger.AnnotationRecord | None:

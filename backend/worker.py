@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import asdict
@@ -36,7 +35,7 @@ from backend.reward import is_held_out
 from backend.reward_training import UpdatePolicy, fit_reward_version
 from backend.rl import StepStats, improve_policy, normalised_to_candidates
 from backend.settings import Settings
-from backend.store import Job, Store
+from backend.store import HEARTBEAT_SECONDS, JOB_LEASE_SECONDS, MAX_JOB_ATTEMPTS, Job, Store, worker_name
 from backend.sync import sync_project
 
 log = logging.getLogger(__name__)
@@ -357,27 +356,63 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     torch.manual_seed(settings.seed)
     store = Store(settings.store_url)
     store.create_schema()
-    requeued = store.requeue_running_jobs()
-    if requeued:
-        log.warning("requeued %d job(s) left running by a stopped worker", requeued)
+    worker_id = worker_name(os.getpid())
+    heartbeat = Heartbeat(store, worker_id)
+    heartbeat.start()
     for project_id in store.project_ids():  # annotations made while no backend listened
         store.enqueue("sync", project_id)
     worker = Worker(settings, store)
-    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     log.info("worker %s ready", worker_id)
-    while not stop.is_set():
-        job = store.claim_job(worker_id)
-        if job is None:
-            stop.wait(poll_seconds)
-            continue
-        started = time.perf_counter()
-        try:
-            worker.run(job)
-        except Exception as exc:  # one failed job must not stop the loop; its reason is stored and logged
-            log.exception("job %d (%s) failed", job.id, job.kind)
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            store.finish_job(job.id, error=reason)
-            store.log_event("job_failed", f"{job.kind} job {job.id} failed: {reason}", job=job.id)
-            continue
-        store.finish_job(job.id)
-        log.info("job %d (%s) done in %.1fs", job.id, job.kind, time.perf_counter() - started)
+    next_lease_check = 0.0
+    try:
+        while not stop.is_set():
+            if time.monotonic() >= next_lease_check:  # any worker retries the jobs of one that died
+                requeued = store.requeue_stale_jobs(JOB_LEASE_SECONDS, MAX_JOB_ATTEMPTS)
+                if requeued:
+                    log.warning("%d job(s) whose worker stopped beating were requeued or failed", requeued)
+                next_lease_check = time.monotonic() + JOB_LEASE_SECONDS / 4
+            job = store.claim_job(worker_id)
+            if job is None:
+                stop.wait(poll_seconds)
+                continue
+            heartbeat.job_id = job.id
+            run_job(worker, store, job)
+            heartbeat.job_id = None
+    finally:
+        heartbeat.stop.set()
+        store.retire_worker(worker_id)
+
+
+def run_job(worker: Worker, store: Store, job: Job) -> None:
+    """One job to done or failed: a failed job must not stop the loop; its reason is stored and logged."""
+    started = time.perf_counter()
+    try:
+        worker.run(job)
+    except Exception as exc:
+        log.exception("job %d (%s) failed", job.id, job.kind)
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        store.finish_job(job.id, error=reason)
+        store.log_event("job_failed", f"{job.kind} job {job.id} failed: {reason}", job=job.id)
+        return
+    store.finish_job(job.id)
+    log.info("job %d (%s) done in %.1fs", job.id, job.kind, time.perf_counter() - started)
+
+
+class Heartbeat(threading.Thread):
+    """Beats for the worker every HEARTBEAT_SECONDS, renewing the lease of the job it runs.
+
+    A thread, so a PPO step that runs for minutes still beats: torch releases the GIL in its kernels."""
+
+    def __init__(self, store: Store, worker_id: str):
+        super().__init__(name="heartbeat", daemon=True)
+        self.store, self.worker_id = store, worker_id
+        self.job_id: int | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.store.beat(self.worker_id, self.job_id)
+            except Exception:  # a locked or unreachable store: the next beat tries again
+                log.warning("heartbeat of %s failed", self.worker_id, exc_info=True)
+            self.stop.wait(HEARTBEAT_SECONDS)

@@ -41,11 +41,65 @@ def test_a_job_queued_while_another_runs_is_a_new_job(store):
     assert store.enqueue("fit_reward", None) != first
 
 
-def test_jobs_left_running_by_a_killed_worker_are_requeued(store):
+def test_a_job_whose_worker_stopped_beating_is_requeued_and_a_beating_ones_is_not(store):
+    import time
+
     store.enqueue("fit_reward", None)
+    store.enqueue("generate", 1, task_ids=[1])
+    dead, alive = store.claim_job("dead-worker"), store.claim_job("live-worker")
+    time.sleep(1.5)
+    store.beat("live-worker", alive.id)
+    assert store.requeue_stale_jobs(lease_seconds=1.0, max_attempts=3) == 1
+    assert store.job_state(dead.id) == "queued" and store.job_state(alive.id) == "running"
+    assert store.claim_job("new-worker").id == dead.id
+
+
+def test_a_job_that_loses_its_worker_on_every_attempt_fails_with_the_reason(store):
+    import time
+
+    job_id = store.enqueue("train_policy", None)
+    for attempt in range(3):
+        assert store.claim_job(f"worker-{attempt}").id == job_id
+        time.sleep(0.05)
+        store.requeue_stale_jobs(lease_seconds=0.01, max_attempts=3)
+    assert store.job_state(job_id) == "failed"
+    assert "each of 3 attempts" in store.jobs()[0]["error"] and "worker-2" in store.jobs()[0]["error"]
+    assert store.enqueue("train_policy", None) != job_id  # its key is free again
+
+
+def test_a_requeued_policy_update_still_absorbs_a_new_trigger(store):
+    import time
+
+    job_id = store.enqueue("train_policy", None)
     store.claim_job("dead-worker")
-    assert store.requeue_running_jobs() == 1
-    assert store.claim_job("new-worker").kind == "fit_reward"
+    time.sleep(0.05)
+    store.requeue_stale_jobs(lease_seconds=0.01, max_attempts=3)
+    assert store.enqueue("train_policy", 4) == job_id
+
+
+def test_a_worker_stopped_on_purpose_releases_its_job_without_spending_an_attempt(store):
+    job_id = store.enqueue("fit_reward", None)
+    store.claim_job("host:41")
+    store.claim_job("host:4")  # nothing left: another worker's name must not match host:41's jobs
+    assert store.release_jobs_of("host:4", None) == 0 and store.release_jobs_of("host:41", None) == 1
+    assert store.job_state(job_id) == "queued"
+    for attempt in range(3):  # three crashes: the third fails it, the SIGTERM above did not count
+        store.claim_job(f"host:5{attempt}")
+        assert store.release_jobs_of(f"host:5{attempt}", max_attempts=3) == 1
+    assert store.job_state(job_id) == "failed" and "3 attempts" in store.jobs()[0]["error"]
+
+
+def test_live_workers_are_those_that_beat_recently(store):
+    import time
+
+    store.beat("old", None)
+    time.sleep(1.5)
+    store.beat("new", 7)
+    assert [w["id"] for w in store.live_workers(within_seconds=1.0)] == ["new"]
+    assert store.live_workers(within_seconds=1.0)[0]["job"] == 7
+    store.retire_worker("new")
+    assert store.live_workers(within_seconds=60) == [{"id": "old", "job": None,
+                                                      "beat_at": store.live_workers(60)[0]["beat_at"]}]
 
 
 def test_failed_job_keeps_its_reason(store):
