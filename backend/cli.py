@@ -51,22 +51,33 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to bind"),
 
 
 @cli.command()
-def worker(supervised: bool = typer.Option(True, help="Restart the worker whenever it dies (--no-supervised: "
-                                                     "run one worker process in the foreground)")) -> None:
-    """Run the training worker alone (generation, reward fitting, PPO); several may share one store."""
+def worker(lane: str = typer.Option("split", help="Jobs to run: 'split' = a fast and a train worker, so candidates "
+                                                 "and reward updates never wait behind a policy update; or one of "
+                                                 "fast, train, all"),
+           supervised: bool = typer.Option(True, help="Restart workers whenever they die (--no-supervised: run one "
+                                                      "worker process in the foreground)")) -> None:
+    """Run the training workers (generation, reward fitting, policy updates); several may share one store."""
     configure_logging()
     settings = _settings()
+    lanes = ["fast", "train"] if lane == "split" else [lane]
+    if not set(lanes) <= {"fast", "train", "all"}:
+        typer.echo(f"error: --lane {lane!r} is not one of split, fast, train, all", err=True)
+        raise typer.Exit(2)
     if supervised:
         from backend.store import Store
         from backend.supervisor import supervise
 
         store = Store(settings.store_url)
         store.create_schema()
-        supervise([sys.executable, "-m", "backend.cli", "worker", "--no-supervised"], store)
+        supervise([[sys.executable, "-m", "backend.cli", "worker", "--no-supervised", "--lane", name]
+                   for name in lanes], store)
         return
+    if len(lanes) > 1:
+        typer.echo("error: --no-supervised runs one worker: pass --lane fast, train or all", err=True)
+        raise typer.Exit(2)
     from backend.worker import run_worker
 
-    run_worker(settings)
+    run_worker(settings, lane=lanes[0])
 
 
 @cli.command("import")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import socket
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,6 +177,13 @@ HEARTBEAT_SECONDS = 5.0
 JOB_LEASE_SECONDS = 60.0
 MAX_JOB_ATTEMPTS = 3
 WORKER_ALIVE_SECONDS = 3 * HEARTBEAT_SECONDS  # /health and /metrics count a worker alive within this
+# Which job kinds a worker of each lane claims: candidates and reward updates never wait behind a policy
+# update that takes minutes. "all" is one worker doing everything (its jobs by priority).
+LANES = {
+    "fast": frozenset({"sync", "fit_reward", "secure_webhook", "generate", "regenerate"}),
+    "train": frozenset({"train_policy"}),
+}
+LANES["all"] = LANES["fast"] | LANES["train"]
 # Kinds of which at most one may be queued or running at a time: one trigger, one PPO run.
 EXCLUSIVE_KINDS = {"train_policy"}
 
@@ -232,11 +240,19 @@ class Store:
 
     def create_schema(self) -> None:
         """Bring the database to the newest schema with Alembic; safe to call from several processes at once."""
-        with _migration_lock(self.engine), self.engine.begin() as connection:
+        # two processes migrating an empty database would both create the same tables
+        with _named_lock(self.engine, "migrate", MIGRATION_LOCK_KEY), self.engine.begin() as connection:
             config = AlembicConfig()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection
             alembic_command.upgrade(config, "head")
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Work only one process may do at a time, whichever lane or machine it runs on (a reward fit:
+        two would write the same version directory)."""
+        with _named_lock(self.engine, name, zlib.crc32(name.encode()) & 0x7FFFFFFF):
+            yield
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -472,14 +488,14 @@ class Store:
             query = select(func.count(JobRow.id)).where(JobRow.kind == kind, JobRow.state.in_(["queued", "running"]))
             return bool(s.scalar(query))
 
-    def claim_job(self, worker_id: str) -> Job | None:
-        """Atomically move the most urgent queued job to running for this worker, or return None."""
+    def claim_job(self, worker_id: str, kinds: Iterable[str] | None = None) -> Job | None:
+        """Atomically move the most urgent queued job (of `kinds`, default any) to running for this worker."""
         token = f"{worker_id}:{uuid.uuid4().hex[:8]}"
         with self.session() as s:
-            next_id = (
-                select(JobRow.id).where(JobRow.state == "queued")
-                .order_by(JobRow.priority, JobRow.id).limit(1).scalar_subquery()
-            )
+            queued = select(JobRow.id).where(JobRow.state == "queued")
+            if kinds is not None:
+                queued = queued.where(JobRow.kind.in_(sorted(kinds)))
+            next_id = queued.order_by(JobRow.priority, JobRow.id).limit(1).scalar_subquery()
             claimed = s.execute(
                 update(JobRow).where(JobRow.id == next_id, JobRow.state == "queued")
                 .values(state="running", claimed_by=token, started_at=_now(), heartbeat_at=_now(),
@@ -594,26 +610,23 @@ class Store:
 
 
 @contextmanager
-def _migration_lock(engine: Engine) -> Iterator[None]:
-    """Serialise schema migrations across processes (gunicorn workers and the worker start together).
-
-    SQLite: a file lock beside the database. PostgreSQL: a session-level advisory lock. Without it,
-    two processes migrating an empty database both try to create the same tables.
-    """
+def _named_lock(engine: Engine, name: str, key: int) -> Iterator[None]:
+    """A lock across processes: a file lock beside a SQLite database, a session-level advisory lock
+    (`key`) on PostgreSQL, so across machines too."""
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
             try:
                 yield
             finally:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
         return
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
     Path(database).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.migrate-lock", "w") as lock:
+    with open(f"{database}.{name}-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -1,6 +1,6 @@
 """Worker supervision: a worker command in, that worker kept running out.
 
-The training worker runs as a child process. When it dies (a crash, the OOM killer, SIGKILL) the
+Each training worker (one per lane) runs as a child process. When one dies (a crash, the OOM killer, SIGKILL) the
 supervisor logs it, releases the job it held at once (instead of after its lease) and starts it
 again, backing off while it keeps dying fast. SIGTERM or SIGINT stop the child: it finishes its
 job within the grace period, or is killed and its job goes back to the queue unspent.
@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 
 from backend.store import MAX_JOB_ATTEMPTS, Store, worker_name
 
@@ -22,32 +23,49 @@ BACKOFF_SECONDS = (1, 2, 4, 8, 16, 30)  # between restarts while the worker keep
 STEADY_SECONDS = 60  # a worker that ran this long before dying restarts without delay
 
 
-def supervise(command: list[str], store: Store, grace_seconds: float = 20.0,
+@dataclass
+class Child:
+    """One supervised worker: its command, its process and how often it died fast in a row."""
+    command: list[str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+def supervise(commands: list[list[str]], store: Store, grace_seconds: float = 20.0,
               stop: threading.Event | None = None) -> None:
-    """Run `command` until `stop` is set (or SIGTERM/SIGINT arrives), restarting it whenever it exits."""
+    """Run every command (one per lane) until `stop` is set (or SIGTERM/SIGINT), restarting each that exits."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    failures = 0
+    children = [Child(command) for command in commands]
     while not stop.is_set():
-        child = subprocess.Popen(command)
-        started = time.monotonic()
-        log.info("training worker started (pid %d)", child.pid)
-        while child.poll() is None and not stop.is_set():
-            stop.wait(0.5)
-        if stop.is_set():
-            stop_child(child, store, grace_seconds)
-            return
-        released = store.release_jobs_of(worker_name(child.pid), max_attempts=MAX_JOB_ATTEMPTS)
-        store.retire_worker(worker_name(child.pid))
-        failures = 0 if time.monotonic() - started > STEADY_SECONDS else failures + 1
-        delay = 0 if failures == 0 else BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1]
-        store.log_event("worker_restarted", f"training worker (pid {child.pid}) exited with {describe(child.returncode)}; "
-                        f"{released} running job(s) requeued or failed; restarting in {delay}s",
-                        pid=child.pid, returncode=child.returncode)
-        log.warning("training worker %d exited with %s; restarting in %ss", child.pid, describe(child.returncode), delay)
-        stop.wait(delay)
+        for child in children:
+            if child.process is None and time.monotonic() >= child.restart_at:
+                child.process, child.started = subprocess.Popen(child.command), time.monotonic()
+                log.info("training worker started (pid %d): %s", child.process.pid, " ".join(child.command[-3:]))
+            elif child.process is not None and child.process.poll() is not None:
+                restart_later(child, store)
+        stop.wait(0.5)
+    for child in children:
+        if child.process is not None:
+            stop_child(child.process, store, grace_seconds)
+
+
+def restart_later(child: Child, store: Store) -> None:
+    """A worker exited on its own: release its job now, and restart it after a backoff if it died fast."""
+    process, name = child.process, worker_name(child.process.pid)
+    released = store.release_jobs_of(name, max_attempts=MAX_JOB_ATTEMPTS)
+    store.retire_worker(name)
+    child.failures = 0 if time.monotonic() - child.started > STEADY_SECONDS else child.failures + 1
+    delay = 0 if child.failures == 0 else BACKOFF_SECONDS[min(child.failures, len(BACKOFF_SECONDS)) - 1]
+    store.log_event("worker_restarted", f"training worker (pid {process.pid}) exited with {describe(process.returncode)}; "
+                    f"{released} running job(s) requeued or failed; restarting in {delay}s",
+                    pid=process.pid, returncode=process.returncode)
+    log.warning("training worker %d exited with %s; restarting in %ss", process.pid, describe(process.returncode), delay)
+    child.process, child.restart_at = None, time.monotonic() + delay
 
 
 def stop_child(child: subprocess.Popen, store: Store, grace_seconds: float) -> None:

@@ -35,7 +35,7 @@ from backend.reward import is_held_out
 from backend.reward_training import UpdatePolicy, fit_reward_version
 from backend.rl import StepStats, improve_policy, normalised_to_candidates
 from backend.settings import Settings
-from backend.store import HEARTBEAT_SECONDS, JOB_LEASE_SECONDS, MAX_JOB_ATTEMPTS, Job, Store, worker_name
+from backend.store import HEARTBEAT_SECONDS, JOB_LEASE_SECONDS, LANES, MAX_JOB_ATTEMPTS, Job, Store, worker_name
 from backend.sync import sync_project
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,9 @@ class Worker:
         self.queue_policy_update_if_due(job.project_id)
 
     def update_reward(self, full_refit: bool = False) -> None:
-        fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
-                           finetune_base=self.finetune_base, seed=self.settings.seed, full_refit=full_refit)
+        with self.store.exclusive("reward-fit"):  # the fast lane and a policy update's full refit
+            fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
+                               finetune_base=self.finetune_base, seed=self.settings.seed, full_refit=full_refit)
 
     def refit_reward_fully(self) -> None:
         """Refit the reward heads from scratch if they were updated incrementally since their last full refit.
@@ -345,8 +346,11 @@ def dpo_config(settings: Settings) -> DPOConfig:
                      lora_rank=settings.lora_rank, seed=settings.seed)
 
 
-def run_worker(settings: Settings, stop: threading.Event | None = None, poll_seconds: float = 0.3) -> None:
-    """Claim and run jobs until `stop` is set (or SIGTERM/SIGINT arrives)."""
+def run_worker(settings: Settings, stop: threading.Event | None = None, poll_seconds: float = 0.3,
+               lane: str = "all") -> None:
+    """Claim and run the jobs of `lane` (store.LANES) until `stop` is set (or SIGTERM/SIGINT arrives)."""
+    if lane not in LANES:
+        raise ValueError(f"lane {lane!r} is not one of {sorted(LANES)}: pass --lane fast, train or all")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -359,10 +363,11 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     worker_id = worker_name(os.getpid())
     heartbeat = Heartbeat(store, worker_id)
     heartbeat.start()
-    for project_id in store.project_ids():  # annotations made while no backend listened
-        store.enqueue("sync", project_id)
+    if "sync" in LANES[lane]:
+        for project_id in store.project_ids():  # annotations made while no backend listened
+            store.enqueue("sync", project_id)
     worker = Worker(settings, store)
-    log.info("worker %s ready", worker_id)
+    log.info("worker %s ready (lane %s)", worker_id, lane)
     next_lease_check = 0.0
     try:
         while not stop.is_set():
@@ -371,7 +376,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
                 if requeued:
                     log.warning("%d job(s) whose worker stopped beating were requeued or failed", requeued)
                 next_lease_check = time.monotonic() + JOB_LEASE_SECONDS / 4
-            job = store.claim_job(worker_id)
+            job = store.claim_job(worker_id, LANES[lane])
             if job is None:
                 stop.wait(poll_seconds)
                 continue

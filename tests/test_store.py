@@ -275,3 +275,13 @@ def test_a_deleted_project_stops_its_queued_jobs_and_keeps_its_pairs(store):
     assert store.job_state(mine) == "failed" and store.job_state(other) == "queued"
     assert store.project_ids() == [2] and store.project_deleted(1) and not store.project_deleted(2)
     assert store.pair_count(project_id=1) == 1  # still exportable
+
+
+def test_a_lane_claims_only_its_kinds_of_job(store):
+    from backend.store import LANES
+
+    update = store.enqueue("train_policy", None)  # queued first, but not the fast lane's
+    generate = store.enqueue("generate", 1, task_ids=[1])
+    assert store.claim_job("fast", LANES["fast"]).id == generate
+    assert store.claim_job("fast", LANES["fast"]) is None
+    assert store.claim_job("train", LANES["train"]).id == update
