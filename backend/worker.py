@@ -223,9 +223,17 @@ class Worker:
         return max(latest.metrics.get("last_pair_id", 0) if latest else 0, refused.get("last_pair_id", 0))
 
     # --- policy ---
+    def wait_for_syncs(self, timeout: float = 600.0) -> None:
+        """"Start training" queues a sync beside the update; the fast lane runs it, and the update trains
+        on what it brings in, so it waits (a while: a sync reads every task of the project)."""
+        deadline = time.monotonic() + timeout
+        while self.store.has_active_job("sync") and time.monotonic() < deadline:
+            time.sleep(0.5)
+
     def train_policy(self, job: Job) -> None:
         """Reward model + project prompts -> RL -> a new policy version, published only past the guard rails."""
         settings = self.settings
+        self.wait_for_syncs()
         last_pair_id = self.store.max_pair_id()
         serving = self.registry.policy()  # publishes v0 on first use
         shown = self.project_prompts()  # prompt -> candidate texts annotators saw
