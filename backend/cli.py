@@ -55,7 +55,9 @@ def worker(lane: str = typer.Option("split", help="Jobs to run: 'split' = a fast
                                                  "and reward updates never wait behind a policy update; or one of "
                                                  "fast, train, all"),
            supervised: bool = typer.Option(True, help="Restart workers whenever they die (--no-supervised: run one "
-                                                      "worker process in the foreground)")) -> None:
+                                                      "worker process in the foreground)"),
+           threads: int = typer.Option(0, help="torch threads when TORCH_THREADS is 0 (auto); 'split' gives each "
+                                               "lane half the cores")) -> None:
     """Run the training workers (generation, reward fitting, policy updates); several may share one store."""
     configure_logging()
     settings = _settings()
@@ -69,15 +71,18 @@ def worker(lane: str = typer.Option("split", help="Jobs to run: 'split' = a fast
 
         store = Store(settings.store_url)
         store.create_schema()
-        supervise([[sys.executable, "-m", "backend.cli", "worker", "--no-supervised", "--lane", name]
-                   for name in lanes], store)
+        # side by side, each lane gets its share of the cores: 2 + 2 threads on 2 cores made generation
+        # during PPO 4.9x slower than idle (docs/queue.md)
+        share = max(1, (os.cpu_count() or 1) // len(lanes)) if len(lanes) > 1 else 0
+        supervise([[sys.executable, "-m", "backend.cli", "worker", "--no-supervised", "--lane", name,
+                    "--threads", str(share)] for name in lanes], store)
         return
     if len(lanes) > 1:
         typer.echo("error: --no-supervised runs one worker: pass --lane fast, train or all", err=True)
         raise typer.Exit(2)
     from backend.worker import run_worker
 
-    run_worker(settings, lane=lanes[0])
+    run_worker(settings, lane=lanes[0], threads=threads)
 
 
 @cli.command("import")

@@ -84,7 +84,7 @@ class Settings(BaseModel):
         5000, ge=1, le=1_000_000, description="Most tasks one /predict may carry (Label Studio sends every task it retrieves for in one request)")
     train_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the worker trains policies and runs their held-out check; auto = cuda if available")
-    torch_threads: int = Field(0, ge=0, le=256, description="torch threads in the worker; 0 = torch's default")
+    torch_threads: int = Field(0, ge=0, le=256, description="torch threads per worker; 0 = auto (serve's two lanes: half the cores each)")
     seed: int = Field(0, ge=0, description="Seed of sampling and training")
 
     @model_validator(mode="after")

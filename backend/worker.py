@@ -355,16 +355,18 @@ def dpo_config(settings: Settings) -> DPOConfig:
 
 
 def run_worker(settings: Settings, stop: threading.Event | None = None, poll_seconds: float = 0.3,
-               lane: str = "all") -> None:
-    """Claim and run the jobs of `lane` (store.LANES) until `stop` is set (or SIGTERM/SIGINT arrives)."""
+               lane: str = "all", threads: int = 0) -> None:
+    """Claim and run the jobs of `lane` (store.LANES) until `stop` is set (or SIGTERM/SIGINT arrives),
+    with TORCH_THREADS torch threads if set, else `threads` (0: torch's default)."""
     if lane not in LANES:
         raise ValueError(f"lane {lane!r} is not one of {sorted(LANES)}: pass --lane fast, train or all")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    threads = settings.torch_threads or threads
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
     store = Store(settings.store_url)
     store.create_schema()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from backend.local_servers import TOKEN, start_backend
+from backend.local_servers import TOKEN, start_backend, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # the capitals of France, Italy and Chile hash into the held-out split: 3 held-out prompts, the fewest
@@ -23,15 +22,6 @@ PROMPTS = ["What is the capital of France?", "How do I bake bread?", "Tell me a 
 
 pytestmark = pytest.mark.labelstudio
 
-
-def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def task_list(ls_client, project_id: int) -> list[dict]:

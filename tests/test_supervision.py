@@ -7,25 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import requests
 from test_worker import seed_project
 
-from backend.local_servers import start_backend
+from backend.local_servers import start_backend, wait_for
 from backend.settings import load_settings
 from backend.store import Store
 
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def worker_pids(store: Store, job_id: int | None = None) -> set[int]:
