@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend import __version__
 from backend.agreement import annotator_consistency, pairwise_agreement
-from backend.auth import basic_auth_header, credentials_match, header_digest
+from backend.auth import credentials_match, webhook_auth_digest
 from backend.labelconfig import LabelConfigError, parse_ranking_schema
 from backend.predictions import rank_prediction
 from backend.registry import ModelRegistry
@@ -73,8 +73,7 @@ def create_app(settings: Settings) -> Flask:
             raise PayloadError(str(exc)) from None
         store.save_project(project_id, schema_xml)
         # the webhook Label Studio creates for us sends no credentials: the worker gives it ours, once
-        if settings.basic_auth is not None and store.webhook_auth(project_id) != header_digest(
-                basic_auth_header(settings.basic_auth)):
+        if settings.basic_auth is not None and store.webhook_auth(project_id) != webhook_auth_digest(settings.basic_auth):
             store.enqueue("secure_webhook", project_id)
         return jsonify(model_version=registry.model_version())
 

@@ -39,6 +39,6 @@ def basic_auth_header(credentials: tuple[str, str]) -> str:
     return "Basic " + base64.b64encode(":".join(credentials).encode("utf-8")).decode("ascii")
 
 
-def header_digest(header: str) -> str:
-    """What the store keeps to know a webhook already has this header: a hash, not the secret."""
-    return hashlib.sha256(header.encode("utf-8")).hexdigest()
+def webhook_auth_digest(credentials: tuple[str, str]) -> str:
+    """What the store keeps to know a webhook already carries these credentials: a hash, not the secret."""
+    return hashlib.sha256(basic_auth_header(credentials).encode("utf-8")).hexdigest()

@@ -290,10 +290,11 @@ class Store:
         if not ids:
             return 0
         with self.session() as s:
-            annotations = set(s.scalars(select(AnnotationRow.id).where(AnnotationRow.task_id.in_(ids))))
-            annotations |= set(s.scalars(select(PairRow.annotation_id).where(PairRow.task_id.in_(ids))))
-            for row in s.scalars(select(AnnotationRow).where(AnnotationRow.id.in_(annotations))):
-                row.deleted = True
+            for project_id, in_project in _by_project(s.execute(select(TaskRow.project_id, TaskRow.id)
+                                                                .where(TaskRow.id.in_(ids)))).items():
+                annotations = set(s.scalars(select(PairRow.annotation_id).where(PairRow.task_id.in_(in_project))))
+                annotations |= set(s.scalars(select(AnnotationRow.id).where(AnnotationRow.task_id.in_(in_project))))
+                _tombstone(s, annotations, project_id)  # as ANNOTATIONS_DELETED does
             s.execute(delete(PairRow).where(PairRow.task_id.in_(ids)))
             return s.execute(delete(TaskRow).where(TaskRow.id.in_(ids))).rowcount
 
@@ -358,10 +359,7 @@ class Store:
         """Apply one annotation event by the ledger's rules; False when the store already holds newer."""
         with self.session() as s:
             if isinstance(event, ledger.AnnotationsDeleted):
-                for annotation_id in event.annotation_ids:
-                    s.merge(AnnotationRow(id=annotation_id, project_id=event.project_id, task_id=None,
-                                          updated_at=None, fingerprint="", deleted=True, refused=None))
-                s.execute(delete(PairRow).where(PairRow.annotation_id.in_(event.annotation_ids)))
+                _tombstone(s, event.annotation_ids, event.project_id)
                 return True
             row = s.get(AnnotationRow, event.annotation_id)
             if not ledger.accepts(_annotation_record(row), event):
@@ -632,6 +630,24 @@ def _named_lock(engine: Engine, name: str, key: int) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _tombstone(s: Session, annotation_ids: Iterable[int], project_id: int | None) -> None:
+    """Deleted annotations: their pairs go, and a tombstone (keeping nothing of the version it replaces,
+    so delete-then-save and save-then-delete end alike) stops a late save reviving them."""
+    ids = list(annotation_ids)
+    for annotation_id in ids:
+        s.merge(AnnotationRow(id=annotation_id, project_id=project_id, task_id=None,
+                              updated_at=None, fingerprint="", deleted=True, refused=None))
+    s.execute(delete(PairRow).where(PairRow.annotation_id.in_(ids)))
+
+
+def _by_project(rows) -> dict[int, list[int]]:
+    """(project id, task id) rows -> task ids by project."""
+    grouped: dict[int, list[int]] = {}
+    for project_id, task_id in rows:
+        grouped.setdefault(project_id, []).append(task_id)
+    return grouped
 
 
 def _requeue_or_fail(row: JobRow, max_attempts: int | None) -> None:

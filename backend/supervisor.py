@@ -49,9 +49,7 @@ def supervise(commands: list[list[str]], store: Store, grace_seconds: float = 20
             elif child.process is not None and child.process.poll() is not None:
                 restart_later(child, store)
         stop.wait(0.5)
-    for child in children:
-        if child.process is not None:
-            stop_child(child.process, store, grace_seconds)
+    stop_children([child.process for child in children if child.process is not None], store, grace_seconds)
 
 
 def restart_later(child: Child, store: Store) -> None:
@@ -68,18 +66,22 @@ def restart_later(child: Child, store: Store) -> None:
     child.process, child.restart_at = None, time.monotonic() + delay
 
 
-def stop_child(child: subprocess.Popen, store: Store, grace_seconds: float) -> None:
-    """SIGTERM, the grace period to finish its job, then SIGKILL and the job back in the queue."""
-    child.terminate()
-    try:
-        child.wait(timeout=grace_seconds)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-        released = store.release_jobs_of(worker_name(child.pid), max_attempts=None)
-        log.warning("training worker %d did not stop within %.0fs: killed, %d job(s) requeued",
-                    child.pid, grace_seconds, released)
-    store.retire_worker(worker_name(child.pid))
+def stop_children(processes: list[subprocess.Popen], store: Store, grace_seconds: float) -> None:
+    """SIGTERM to all at once, one shared grace period to finish their jobs, then SIGKILL and their jobs
+    back in the queue (one after another, two lanes would need twice gunicorn's patience)."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            released = store.release_jobs_of(worker_name(process.pid), max_attempts=None)
+            log.warning("training worker %d did not stop within %.0fs: killed, %d job(s) requeued",
+                        process.pid, grace_seconds, released)
+        store.retire_worker(worker_name(process.pid))
 
 
 def describe(returncode: int) -> str:

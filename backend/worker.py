@@ -22,7 +22,7 @@ import torch
 from label_studio_sdk.core.api_error import ApiError
 
 from backend import labelstudio
-from backend.auth import basic_auth_header, header_digest
+from backend.auth import basic_auth_header, webhook_auth_digest
 from backend.evaluation import MIN_HELD_OUT_PROMPTS, compare_on_held_out, should_publish
 from backend.dpo import DPOConfig
 from backend.generation import generate_candidates
@@ -174,7 +174,7 @@ class Worker:
                 self.store.log_event("webhook_secured", f"project {job.project_id}: webhook {hook.id} to {hook.url} "
                                      "now sends the backend's basic-auth credentials", project=job.project_id)
         if hooks:
-            self.store.set_webhook_auth(job.project_id, header_digest(header))
+            self.store.set_webhook_auth(job.project_id, webhook_auth_digest(self.settings.basic_auth))
         else:
             log.warning("project %s has no webhook to this backend: its events cannot arrive", job.project_id)
 

@@ -246,7 +246,7 @@ def test_status_reports_pairwise_agreement_between_two_annotators(client):
 
 
 def test_setup_behind_auth_queues_securing_the_webhook_until_it_has_the_credentials(tiny_env):
-    from backend.auth import basic_auth_header, header_digest
+    from backend.auth import webhook_auth_digest
 
     app = create_app(load_settings({**tiny_env, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "secret"}))
     client, store = app.test_client(), app.extensions["rlhf"]["store"]
@@ -255,7 +255,7 @@ def test_setup_behind_auth_queues_securing_the_webhook_until_it_has_the_credenti
     queued = [j for j in store.jobs() if j["kind"] == "secure_webhook"]
     assert len(queued) == 1 and queued[0]["state"] == "queued"
     store.finish_job(queued[0]["id"])
-    store.set_webhook_auth(queued[0]["project"], header_digest(basic_auth_header(("ls", "secret"))))
+    store.set_webhook_auth(queued[0]["project"], webhook_auth_digest(("ls", "secret")))
     client.post("/setup", json=body, auth=("ls", "secret"))
     assert len([j for j in store.jobs() if j["kind"] == "secure_webhook"]) == 1  # done once, not per /setup
     assert "secret" not in str(store.events()) and "secret" not in str(store.jobs())
