@@ -1,6 +1,7 @@
 """The web layer: Label Studio's ML-backend HTTP contract in, calls into the loop's stages out.
 
 Routes: GET /health, POST /setup, POST /predict, POST /webhook, POST /train, GET /metrics, GET /status.
+Every route that concerns one project's loop takes the Label Studio project it was sent for.
 Each route parses the request, calls one function and returns JSON; bad input gets a 4xx with
 a one-line reason. Slow work never runs here: webhooks queue jobs for the worker.
 """
@@ -75,7 +76,7 @@ def create_app(settings: Settings) -> Flask:
         # the webhook Label Studio creates for us sends no credentials: the worker gives it ours, once
         if settings.basic_auth is not None and store.webhook_auth(project_id) != webhook_auth_digest(settings.basic_auth):
             store.enqueue("secure_webhook", project_id)
-        return jsonify(model_version=registry.model_version())
+        return jsonify(model_version=registry.model_version(project_id))
 
     @app.post("/predict")
     def predict():
@@ -86,14 +87,15 @@ def create_app(settings: Settings) -> Flask:
         if len(tasks) > settings.max_predict_tasks:
             raise PayloadError(f"'tasks' has {len(tasks)} tasks, more than MAX_PREDICT_TASKS "
                                f"{settings.max_predict_tasks}: ask for fewer at a time, or raise the setting")
-        config = body.get("label_config") or store.label_config(parse_project_id(body.get("project")))
+        project_id = parse_project_id(body.get("project"))  # whose reward model orders the candidates
+        config = body.get("label_config") or store.label_config(project_id)
         if not config:
             raise PayloadError("no 'label_config' in the request and none stored for the project: call /setup first")
         try:
             schema = parse_ranking_schema(config)
         except LabelConfigError as exc:
             raise PayloadError(str(exc)) from None
-        reward, version = registry.reward_model(), registry.model_version()
+        reward, version = registry.reward_model(project_id), registry.model_version(project_id)
         return jsonify(results=[rank_prediction(task, schema, reward, version) for task in tasks])
 
     @app.post("/webhook")
@@ -111,17 +113,24 @@ def create_app(settings: Settings) -> Flask:
 
     @app.get("/status")
     def status():
-        orders = store.pair_orders()
+        """Every project's loop in a line; with `?project=ID`, that project's loop in full."""
+        after = event_cursor(request.args.get("after"))
+        body = {"projects": [project_summary(store, registry, p) for p in store.project_ids()],
+                "jobs": store.job_counts(), "recent_jobs": store.jobs()}
+        if request.args.get("project") is None:
+            return jsonify(**body, events=store.events(after_id=after))
+        project_id = parse_project_id(request.args["project"])
+        orders = store.pair_orders(project_id)
         return jsonify(
-            model_version=registry.model_version(),
+            **body,
+            project=project_id,
+            model_version=registry.model_version(project_id),
             pairs=len(orders),
             agreement={"pairwise": asdict(pairwise_agreement(orders)),
                        "annotators": {str(who): asdict(a) for who, a in annotator_consistency(orders).items()}},
-            policy_versions=[vars(v) for v in store.versions("policy")],
-            reward_versions=[vars(v) for v in store.versions("reward")],
-            jobs=store.job_counts(),
-            recent_jobs=store.jobs(),
-            events=store.events(after_id=event_cursor(request.args.get("after"))),
+            policy_versions=[vars(v) for v in store.versions("policy", project_id)],
+            reward_versions=[vars(v) for v in store.versions("reward", project_id)],
+            events=store.events(after_id=after, project_id=project_id),
         )
 
     @app.errorhandler(PayloadError)
@@ -156,6 +165,11 @@ def event_cursor(value: str | None) -> int:
     return int(value)
 
 
+def project_summary(store: Store, registry: ModelRegistry, project_id: int) -> dict:
+    return {"id": project_id, "model_version": registry.model_version(project_id),
+            "pairs": store.pair_count(project_id)}
+
+
 def parse_project_id(value) -> int:
     """Label Studio sends the project as "<id>.<created timestamp>" to /setup and /predict."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -172,19 +186,23 @@ class StoreCollector:
         self.store, self.registry = store, registry
 
     def collect(self):
-        yield GaugeMetricFamily("rlhf_preference_pairs", "Preference pairs in the store", value=self.store.pair_count())
-        yield GaugeMetricFamily("rlhf_policy_version", "Newest published policy version",
-                                value=self.registry.policy_version())
-        yield GaugeMetricFamily("rlhf_reward_version", "Newest published reward-model version",
-                                value=self.registry.reward_version())
+        pairs = GaugeMetricFamily("rlhf_preference_pairs", "Preference pairs in the store", labels=["project"])
+        policy = GaugeMetricFamily("rlhf_policy_version", "Newest published policy version", labels=["project"])
+        reward = GaugeMetricFamily("rlhf_reward_version", "Newest published reward-model version", labels=["project"])
+        accuracy = GaugeMetricFamily("rlhf_reward_held_out_accuracy", "Pairwise accuracy of the serving reward "
+                                     "model on held-out prompts", labels=["project"])
+        for project_id in self.store.project_ids():
+            label = [str(project_id)]
+            pairs.add_metric(label, self.store.pair_count(project_id))
+            policy.add_metric(label, self.registry.policy_version(project_id))
+            latest = self.store.latest_version("reward", project_id)
+            reward.add_metric(label, latest.version if latest else 0)
+            if latest and latest.metrics.get("held_out_accuracy") is not None:
+                accuracy.add_metric(label, latest.metrics["held_out_accuracy"])
+        yield from (pairs, policy, reward, accuracy)
         yield GaugeMetricFamily("rlhf_training_workers_alive", "Training workers that beat within "
                                 f"{WORKER_ALIVE_SECONDS:.0f} s", value=len(self.store.live_workers(WORKER_ALIVE_SECONDS)))
         jobs = GaugeMetricFamily("rlhf_jobs", "Jobs in the queue by state", labels=["state"])
         for state, count in self.store.job_counts().items():
             jobs.add_metric([state], count)
         yield jobs
-        latest = self.store.latest_version("reward")
-        accuracy = (latest.metrics.get("held_out_accuracy") if latest else None)
-        if accuracy is not None:
-            yield GaugeMetricFamily("rlhf_reward_held_out_accuracy", "Pairwise accuracy on held-out prompts",
-                                    value=accuracy)

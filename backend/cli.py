@@ -120,7 +120,7 @@ def sync(project: int = typer.Option(..., "--project", help="Label Studio projec
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    store.enqueue("fit_reward", None)
+    store.enqueue("fit_reward", project)
     typer.echo(f"project {project}: {report}")
 
 
@@ -173,21 +173,22 @@ cli.add_typer(policy_cli, name="policy")
 
 
 @policy_cli.command("rollback")
-def policy_rollback(version: int = typer.Argument(..., help="Policy version to serve again")) -> None:
-    """Serve an older policy again; unannotated tasks get candidates from it."""
+def policy_rollback(version: int = typer.Argument(..., help="Policy version to serve again"),
+                    project: int = typer.Option(..., "--project", help="Label Studio project id")) -> None:
+    """Serve an older policy of the project again; its unannotated tasks get candidates from it."""
     from backend.store import Store
 
     store = Store(_settings().store_url)
     store.create_schema()
     try:
-        retired = store.rollback("policy", version)
+        retired = store.rollback("policy", project, version)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    for project_id in store.project_ids():
-        store.enqueue("regenerate", project_id)
-    store.log_event("rollback", f"policy rolled back to v{version} ({retired} newer version(s) retired)")
-    typer.echo(f"policy v{version} is served again; {retired} newer version(s) retired")
+    store.enqueue("regenerate", project)
+    store.log_event("rollback", f"policy rolled back to v{version} ({retired} newer version(s) retired)",
+                    project=project)
+    typer.echo(f"project {project}: policy v{version} is served again; {retired} newer version(s) retired")
 
 
 @cli.command()

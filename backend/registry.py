@@ -1,16 +1,24 @@
-"""Model registry: the store's published versions in, loaded models out, once per process per version.
+"""Model registry: a project's published versions in, its loaded models out, once per process per version.
 
-Every process (web workers and the training worker) asks the store which version is newest
-on each use (one indexed query) and loads a model only when that version changes, so no
-process serves a stale model and none loads a model per request.
+Every connected Label Studio project has its own lineage of reward models and policies (its pairs,
+its versions, its `model_version`). Every process asks the store which version of a project is
+newest on each use (one indexed query) and loads a model only when it has not loaded that version's
+files yet, so no process serves a stale model and none loads a model per request. Loaded models are
+kept by path in a small LRU: projects that serve the same files (every project starts on the base
+policy) share one copy in memory, and many projects do not exhaust it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
+from sqlalchemy.exc import IntegrityError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from backend.models import load_causal_lm, load_encoder, resolve_encoder, resolve_policy
@@ -19,6 +27,8 @@ from backend.settings import Settings
 from backend.store import Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,60 +39,92 @@ class LoadedPolicy:
     tokenizer: PreTrainedTokenizerBase
 
 
+class LoadedModels(Generic[T]):
+    """Models by the path they were loaded from, at most `capacity`, the least recently used dropped."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._models: OrderedDict[str, T] = OrderedDict()
+        self._lock = threading.Lock()  # a threaded web server may ask from two requests at once
+
+    def get(self, path: str, load: Callable[[], T]) -> T:
+        with self._lock:
+            if path in self._models:
+                self._models.move_to_end(path)
+                return self._models[path]
+            model = load()
+            self._models[path] = model
+            while len(self._models) > self.capacity:
+                dropped, _ = self._models.popitem(last=False)
+                log.info("unloaded %s (more than %d loaded)", dropped, self.capacity)
+            return model
+
+    def paths(self) -> list[str]:
+        return list(self._models)
+
+
 class ModelRegistry:
     def __init__(self, settings: Settings, store: Store):
         self.settings, self.store = settings, store
         self._encoder: TextEncoder | None = None
-        self._reward: RewardModel | None = None
-        self._policy: LoadedPolicy | None = None
+        self._rewards: LoadedModels[RewardModel] = LoadedModels(settings.max_loaded_policies)
+        self._policies: LoadedModels[LoadedPolicy] = LoadedModels(settings.max_loaded_policies)
 
     # --- versions, straight from the store ---
-    def policy_version(self) -> int:
-        latest = self.store.latest_version("policy")
+    def policy_version(self, project_id: int) -> int:
+        latest = self.store.latest_version("policy", project_id)
         return latest.version if latest else 0
 
-    def reward_version(self) -> int:
-        latest = self.store.latest_version("reward")
+    def reward_version(self, project_id: int) -> int:
+        latest = self.store.latest_version("reward", project_id)
         return latest.version if latest else 0
 
-    def model_version(self) -> str:
-        """What /setup and every prediction report; it changes whenever either model is published."""
-        return f"policy-v{self.policy_version()}.reward-v{self.reward_version()}"
+    def model_version(self, project_id: int) -> str:
+        """What /setup and every prediction of the project report; it changes whenever either of its models is."""
+        return f"policy-v{self.policy_version(project_id)}.reward-v{self.reward_version(project_id)}"
 
-    def policy_dir(self, version: int) -> Path:
-        return self.settings.model_dir / "policy" / f"v{version:04d}"
+    def policy_dir(self, project_id: int, version: int) -> Path:
+        return self.settings.model_dir / "projects" / str(project_id) / "policy" / f"v{version:04d}"
 
-    def reward_dir(self, version: int) -> Path:
-        return self.settings.model_dir / "reward" / f"v{version:04d}"
+    def reward_dir(self, project_id: int, version: int) -> Path:
+        return self.settings.model_dir / "projects" / str(project_id) / "reward" / f"v{version:04d}"
 
     # --- loaded models ---
     def encoder(self) -> TextEncoder:
+        """The frozen encoder under every project's reward heads: loaded once, shared."""
         if self._encoder is None:
             path = resolve_encoder(self.settings.reward_model)
             model, tokenizer = load_encoder(path)
             self._encoder = TextEncoder(model, tokenizer, name=self.settings.reward_model, store=self.store)
         return self._encoder
 
-    def reward_model(self) -> RewardModel:
-        """The newest published reward model; version 0 (all-zero head) before any pair arrived."""
-        latest = self.store.latest_version("reward")
+    def reward_model(self, project_id: int) -> RewardModel:
+        """The project's newest published reward model; the untrained all-zero head (version None) before
+        its first pair."""
+        latest = self.store.latest_version("reward", project_id)
         if latest is None:
-            if self._reward is None or self._reward.version is not None:
-                self._reward = RewardModel(self.encoder(), version=None)
-            return self._reward
-        if self._reward is None or self._reward.version != latest.version:
-            self._reward = load_reward_model(Path(latest.path), self.encoder(), version=latest.version)
-        return self._reward
+            return self._rewards.get("", lambda: RewardModel(self.encoder(), version=None))
+        return self._rewards.get(latest.path, lambda: load_reward_model(Path(latest.path), self.encoder(),
+                                                                        version=latest.version))
 
-    def policy(self) -> LoadedPolicy:
-        """The newest published policy; the first call publishes the base model as version 0."""
-        latest = self.store.latest_version("policy")
+    def policy(self, project_id: int) -> LoadedPolicy:
+        """The project's newest published policy; the first call publishes the base model as its version 0."""
+        latest = self.store.latest_version("policy", project_id)
         if latest is None:
             base = resolve_policy(self.settings.policy_model, self.settings.model_dir)
-            self.store.publish_version("policy", 0, base, pairs_seen=0, metrics={"base": self.settings.policy_model})
-            latest = self.store.latest_version("policy")
-        if self._policy is None or self._policy.version != latest.version:
-            log.info("loading policy v%d from %s", latest.version, latest.path)
+            try:
+                self.store.publish_version("policy", project_id, 0, base, pairs_seen=0,
+                                           metrics={"base": self.settings.policy_model})
+            except IntegrityError:  # another process published the project's v0 first: the same files
+                pass
+            latest = self.store.latest_version("policy", project_id)
+
+        def load() -> LoadedPolicy:
+            log.info("loading policy v%d of project %d from %s", latest.version, project_id, latest.path)
             model, tokenizer = load_causal_lm(latest.path)
-            self._policy = LoadedPolicy(latest.version, latest.path, model, tokenizer)
-        return self._policy
+            return LoadedPolicy(latest.version, latest.path, model, tokenizer)
+
+        loaded = self._policies.get(latest.path, load)
+        # two projects may serve the same files under different version numbers
+        return loaded if loaded.version == latest.version else LoadedPolicy(latest.version, latest.path,
+                                                                            loaded.model, loaded.tokenizer)

@@ -107,8 +107,9 @@ def eval_(model: Path = typer.Option(..., "--model", help="A reward-model direct
 
 
 @reward_app.command()
-def rollback(version: int = typer.Argument(..., help="The published reward version to serve again")) -> None:
-    """Serve an earlier reward-model version again; /predict and PPO pick it up on their next call."""
+def rollback(version: int = typer.Argument(..., help="The published reward version to serve again"),
+             project: int = typer.Option(..., "--project", help="Label Studio project id")) -> None:
+    """Serve an earlier reward-model version of the project again; /predict and PPO pick it up on their next call."""
     from backend.reward_training import rollback_reward
     from backend.store import Store
 
@@ -116,7 +117,7 @@ def rollback(version: int = typer.Argument(..., help="The published reward versi
     store = Store(settings.store_url)
     store.create_schema()
     try:
-        retired = rollback_reward(store, version)
+        retired = rollback_reward(store, project, version)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"reward v{version} serves again ({retired} newer version(s) retired)")
+    typer.echo(f"project {project}: reward v{version} serves again ({retired} newer version(s) retired)")

@@ -1,4 +1,4 @@
-"""Reward-model updates: the store's preference pairs in, a gated, published reward-model version out.
+"""Reward-model updates: one project's preference pairs in, a gated, published reward-model version of it out.
 
 One `fit_reward_version` call per `fit_reward` job (a burst of annotations folds into one job):
 1. split the pairs by prompt into training and held-out (`is_held_out`; never by pair);
@@ -206,9 +206,10 @@ class RewardUpdate:
     metrics: dict
 
 
-def fit_reward_version(store: Store, serving, reward_dir: Callable[[int], Path], policy: UpdatePolicy,
-                       finetune_base: str | None = None, seed: int = 0, full_refit: bool = False) -> RewardUpdate:
-    """Train a candidate on the store's pairs, evaluate it beside `serving`, publish it if the gate agrees.
+def fit_reward_version(store: Store, project_id: int, serving, reward_dir: Callable[[int], Path],
+                       policy: UpdatePolicy, finetune_base: str | None = None, seed: int = 0,
+                       full_refit: bool = False) -> RewardUpdate:
+    """Train a candidate on the project's pairs, evaluate it beside `serving`, publish it if the gate agrees.
 
     `serving` is the newest published model of either tier (or the untrained head, version None);
     `finetune_base` set means the fine-tuned tier, trained from that checkpoint; `full_refit` refits
@@ -216,10 +217,10 @@ def fit_reward_version(store: Store, serving, reward_dir: Callable[[int], Path],
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    pairs = store.pairs()
+    pairs = store.pairs(project_id)
     if not pairs:
         return RewardUpdate(None, "no preference pairs yet", {})
-    latest = store.latest_version("reward")
+    latest = store.latest_version("reward", project_id)
     book = latest.metrics if latest else {}
     # split by prompt: held-out pairs are never trained on, by any version
     held = [p for p in pairs if is_held_out(p.prompt)]
@@ -262,28 +263,29 @@ def fit_reward_version(store: Store, serving, reward_dir: Callable[[int], Path],
         "l2_per_pair": candidate.embedding.l2_per_pair if candidate.tier == "head" else None, **timings,
     }
     if not publish:
-        store.log_event("reward_refused", f"reward candidate not published: {reason}", **metrics)
+        store.log_event("reward_refused", f"reward candidate not published: {reason}", project=project_id, **metrics)
         return RewardUpdate(None, reason, metrics)
 
     # save atomically, then publish: readers only ever see complete versions
-    version = max(1, store.next_version("reward"))  # v0 is the untrained, all-zero head
+    version = max(1, store.next_version("reward", project_id))  # v0 is the untrained, all-zero head
     candidate.version = version
     candidate.save(reward_dir(version))
     metrics["seconds"] = time.perf_counter() - started
-    store.publish_version("reward", version, str(reward_dir(version)), pairs_seen=len(pairs), metrics=metrics)
+    store.publish_version("reward", project_id, version, str(reward_dir(version)), pairs_seen=len(pairs),
+                          metrics=metrics)
     accuracy = "n/a" if evaluation.accuracy is None else f"{evaluation.accuracy:.3f}"
     store.log_event("reward", f"reward model v{version} ({candidate.tier}, {'full refit' if full else 'incremental'}) "
                     f"on {len(train)} pairs: held-out accuracy {accuracy} on {len(held)} pairs, "
-                    f"{metrics['seconds']:.2f}s; {reason}", version=version, **metrics)
+                    f"{metrics['seconds']:.2f}s; {reason}", project=project_id, version=version, **metrics)
     return RewardUpdate(version, reason, metrics)
 
 
-def rollback_reward(store: Store, version: int) -> int:
-    """Serve reward `version` again (every newer version is retired); returns how many were retired."""
-    target = next((v for v in store.versions("reward") if v.version == version), None)
+def rollback_reward(store: Store, project_id: int, version: int) -> int:
+    """Serve the project's reward `version` again (every newer version is retired); returns how many were retired."""
+    target = next((v for v in store.versions("reward", project_id) if v.version == version), None)
     if target is not None and not Path(target.path).exists():
         raise ValueError(f"reward version {version} points at {target.path}, which is gone: pick another version")
-    retired = store.rollback("reward", version)  # raises ValueError naming the known versions
+    retired = store.rollback("reward", project_id, version)  # raises ValueError naming the known versions
     store.log_event("reward", f"reward model rolled back to v{version} ({retired} newer version(s) retired)",
-                    version=version, retired=retired)
+                    project=project_id, version=version, retired=retired)
     return retired

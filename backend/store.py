@@ -36,6 +36,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    or_,
     select,
     text,
     update,
@@ -110,9 +111,13 @@ class PairRow(Base):
 
 
 class ModelVersionRow(Base):
+    """A published model of one project's lineage. project_id NULL: published before projects had their own
+    loops (migration 0006); such versions are the common ancestry of every project."""
+
     __tablename__ = "model_versions"
-    __table_args__ = (UniqueConstraint("kind", "version"),)
+    __table_args__ = (UniqueConstraint("project_id", "kind", "version", name="uq_model_versions_project_kind_version"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     kind: Mapped[str] = mapped_column(String(16), index=True)  # "policy" | "reward"
     version: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
@@ -163,6 +168,7 @@ class EventRow(Base):
 
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # None: the whole backend
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -184,7 +190,8 @@ LANES = {
     "train": frozenset({"train_policy"}),
 }
 LANES["all"] = LANES["fast"] | LANES["train"]
-# Kinds of which at most one may be queued or running at a time: one trigger, one PPO run.
+# Kinds of which at most one may be queued or running per project: "Start training" and the automatic
+# trigger fold into one policy update of the project.
 EXCLUSIVE_KINDS = {"train_policy"}
 
 
@@ -209,6 +216,7 @@ class ModelVersion:
     pairs_seen: int
     metrics: dict
     retired: bool = False
+    project_id: int | None = None  # None: published before projects had their own loops
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -283,20 +291,21 @@ class Store:
                 if policy_version is not None:
                     row.policy_version = policy_version
 
-    def delete_tasks(self, task_ids: Iterable[int]) -> int:
+    def delete_tasks(self, task_ids: Iterable[int]) -> dict[int, list[int]]:
         """Tasks deleted in Label Studio leave training: their annotations become tombstones (a late save
-        cannot revive them), their pairs go, their rows go. Returns how many stored tasks were deleted."""
+        cannot revive them), their pairs go, their rows go. Returns the stored tasks deleted, by project."""
         ids = list(task_ids)
         if not ids:
-            return 0
+            return {}
         with self.session() as s:
-            for project_id, in_project in _by_project(s.execute(select(TaskRow.project_id, TaskRow.id)
-                                                                .where(TaskRow.id.in_(ids)))).items():
+            deleted = _by_project(s.execute(select(TaskRow.project_id, TaskRow.id).where(TaskRow.id.in_(ids))))
+            for project_id, in_project in deleted.items():
                 annotations = set(s.scalars(select(PairRow.annotation_id).where(PairRow.task_id.in_(in_project))))
                 annotations |= set(s.scalars(select(AnnotationRow.id).where(AnnotationRow.task_id.in_(in_project))))
                 _tombstone(s, annotations, project_id)  # as ANNOTATIONS_DELETED does
             s.execute(delete(PairRow).where(PairRow.task_id.in_(ids)))
-            return s.execute(delete(TaskRow).where(TaskRow.id.in_(ids))).rowcount
+            s.execute(delete(TaskRow).where(TaskRow.id.in_(ids)))
+            return deleted
 
     def task_ids(self, project_id: int) -> set[int]:
         with self.session() as s:
@@ -389,16 +398,18 @@ class Store:
                 query = query.where(PairRow.project_id == project_id)
             return list(s.scalars(query))
 
-    def pair_orders(self) -> list[dict]:
+    def pair_orders(self, project_id: int | None = None) -> list[dict]:
         """Who ordered what, without the texts: task, annotator and the two candidates of every pair.
 
         Candidates are their ids in the task, or their texts where a pair has no ids. What agreement
         needs, at a fraction of the cost of reading every pair's prompt and answers.
         """
+        query = select(PairRow.task_id, PairRow.annotator, func.coalesce(PairRow.chosen_id, PairRow.chosen),
+                       func.coalesce(PairRow.rejected_id, PairRow.rejected)).order_by(PairRow.id)
+        if project_id is not None:
+            query = query.where(PairRow.project_id == project_id)
         with self.session() as s:
-            rows = s.execute(select(PairRow.task_id, PairRow.annotator,
-                                    func.coalesce(PairRow.chosen_id, PairRow.chosen),
-                                    func.coalesce(PairRow.rejected_id, PairRow.rejected)).order_by(PairRow.id))
+            rows = s.execute(query)
             return [{"task_id": task, "annotator": annotator, "chosen_id": chosen, "rejected_id": rejected}
                     for task, annotator, chosen, rejected in rows]
 
@@ -410,60 +421,62 @@ class Store:
                 query = query.where(PairRow.project_id == project_id)
             return s.scalar(query) or 0
 
-    def max_pair_id(self) -> int:
+    def max_pair_id(self, project_id: int) -> int:
         """A watermark: pairs stored later (new annotations or new versions of old ones) have larger ids."""
         with self.session() as s:
-            return s.scalar(select(func.max(PairRow.id))) or 0
+            return s.scalar(select(func.max(PairRow.id)).where(PairRow.project_id == project_id)) or 0
 
-    # --- model versions ---
-    def publish_version(self, kind: str, version: int, path: str, pairs_seen: int, metrics: dict) -> int:
-        """Make `path` the newest `kind` model; (kind, version) is unique, so two publishers cannot collide."""
+    # --- model versions: one lineage of each kind per project ---
+    def publish_version(self, kind: str, project_id: int, version: int, path: str, pairs_seen: int,
+                        metrics: dict) -> int:
+        """Make `path` the project's newest `kind` model; (project, kind, version) is unique, so two
+        publishers cannot collide."""
         with self.session() as s:
-            s.add(ModelVersionRow(kind=kind, version=version, path=path, pairs_seen=pairs_seen, metrics=metrics))
+            s.add(ModelVersionRow(project_id=project_id, kind=kind, version=version, path=path,
+                                  pairs_seen=pairs_seen, metrics=metrics))
         return version
 
-    def rollback(self, kind: str, version: int) -> int:
-        """Serve `version` again by retiring every newer one; returns how many were retired."""
+    def rollback(self, kind: str, project_id: int, version: int) -> int:
+        """Serve `version` again in the project by retiring every newer one; returns how many were retired."""
         with self.session() as s:
             target = s.scalars(select(ModelVersionRow).where(
-                ModelVersionRow.kind == kind, ModelVersionRow.version == version)).first()
+                _lineage(kind, project_id), ModelVersionRow.version == version)).first()
             if target is None:
-                known = list(s.scalars(select(ModelVersionRow.version).where(ModelVersionRow.kind == kind)))
-                raise ValueError(f"no {kind} version {version}: known versions are {known}")
+                known = sorted(s.scalars(select(ModelVersionRow.version).where(_lineage(kind, project_id))))
+                raise ValueError(f"project {project_id} has no {kind} version {version}: its versions are {known}")
             target.retired = False
             result = s.execute(update(ModelVersionRow).where(
-                ModelVersionRow.kind == kind, ModelVersionRow.version > version, ModelVersionRow.retired.is_(False)
+                _lineage(kind, project_id), ModelVersionRow.version > version, ModelVersionRow.retired.is_(False)
             ).values(retired=True))
             return result.rowcount or 0
 
-    def next_version(self, kind: str) -> int:
+    def next_version(self, kind: str, project_id: int) -> int:
         with self.session() as s:
-            latest = s.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.kind == kind))
+            latest = s.scalar(select(func.max(ModelVersionRow.version)).where(_lineage(kind, project_id)))
             return 0 if latest is None else latest + 1
 
-    def latest_version(self, kind: str) -> ModelVersion | None:
+    def latest_version(self, kind: str, project_id: int) -> ModelVersion | None:
         with self.session() as s:
             row = s.scalars(
-                select(ModelVersionRow).where(ModelVersionRow.kind == kind, ModelVersionRow.retired.is_(False))
+                select(ModelVersionRow).where(_lineage(kind, project_id), ModelVersionRow.retired.is_(False))
                 .order_by(ModelVersionRow.version.desc())
             ).first()
             return _version(row) if row else None
 
-    def versions(self, kind: str) -> list[ModelVersion]:
+    def versions(self, kind: str, project_id: int) -> list[ModelVersion]:
         with self.session() as s:
-            rows = s.scalars(select(ModelVersionRow).where(ModelVersionRow.kind == kind).order_by(ModelVersionRow.version))
+            rows = s.scalars(select(ModelVersionRow).where(_lineage(kind, project_id))
+                             .order_by(ModelVersionRow.version))
             return [_version(r) for r in rows]
 
     # --- jobs: a durable queue the worker processes claim from ---
     def enqueue(self, kind: str, project_id: int | None, task_ids: Iterable[int] = (), **payload) -> int:
         """Queue a job, or fold it into the same kind's queued job for the project (a burst makes one job).
 
-        For EXCLUSIVE_KINDS a job that is already queued or running absorbs the request. The unique
+        For EXCLUSIVE_KINDS a job of the project that is already queued or running absorbs the request. The unique
         `active_key` makes this hold across processes: of two racing inserts, one fails and folds.
         """
-        # one policy update trains on every project's prompts, so "Start training" in one project and the
-        # automatic trigger (queued by a reward refit, no project) are the same run
-        key = kind if kind in EXCLUSIVE_KINDS else f"{kind}:{project_id}"
+        key = f"{kind}:{project_id}"
         for _ in range(3):
             try:
                 with self.session() as s:
@@ -481,9 +494,10 @@ class Store:
                 continue
         raise RuntimeError(f"could not queue a {kind} job for project {project_id}: the store keeps conflicting")
 
-    def has_active_job(self, kind: str) -> bool:
+    def has_active_job(self, kind: str, project_id: int | None) -> bool:
         with self.session() as s:
-            query = select(func.count(JobRow.id)).where(JobRow.kind == kind, JobRow.state.in_(["queued", "running"]))
+            query = select(func.count(JobRow.id)).where(JobRow.kind == kind, JobRow.project_id == project_id,
+                                                        JobRow.state.in_(["queued", "running"]))
             return bool(s.scalar(query))
 
     def claim_job(self, worker_id: str, kinds: Iterable[str] | None = None) -> Job | None:
@@ -586,24 +600,32 @@ class Store:
             s.add_all(EmbeddingRow(key=k, vector=v) for k, v in vectors.items() if k not in existing)
 
     # --- events ---
-    def log_event(self, kind: str, message: str, **data) -> None:
+    def log_event(self, kind: str, message: str, project: int | None = None, **data) -> None:
+        """An event of one project's loop (`project`), or of the whole backend (None)."""
+        if project is not None:
+            data["project"] = project
         with self.session() as s:
-            s.add(EventRow(kind=kind, message=message, data=json.loads(json.dumps(data, default=str))))
+            s.add(EventRow(kind=kind, message=message, project_id=project,
+                           data=json.loads(json.dumps(data, default=str))))
 
-    def last_event_data(self, kind: str) -> dict | None:
-        """The data of the newest event of `kind`, or None if there is none."""
+    def last_event_data(self, kind: str, project_id: int) -> dict | None:
+        """The data of the project's newest event of `kind`, or None if there is none."""
         with self.session() as s:
-            return s.scalar(select(EventRow.data).where(EventRow.kind == kind).order_by(EventRow.id.desc()).limit(1))
+            return s.scalar(select(EventRow.data).where(EventRow.kind == kind, EventRow.project_id == project_id)
+                            .order_by(EventRow.id.desc()).limit(1))
 
-    def events(self, after_id: int = 0, limit: int = 100) -> list[dict]:
-        """The `limit` events after `after_id`, oldest first; with no cursor, the newest `limit`."""
+    def events(self, after_id: int = 0, limit: int = 100, project_id: int | None = None) -> list[dict]:
+        """The `limit` events after `after_id`, oldest first; with no cursor, the newest `limit`.
+        With `project_id`: that project's events and the backend's own."""
         with self.session() as s:
+            query = select(EventRow)
+            if project_id is not None:
+                query = query.where(or_(EventRow.project_id == project_id, EventRow.project_id.is_(None)))
             if after_id:
-                query = select(EventRow).where(EventRow.id > after_id).order_by(EventRow.id).limit(limit)
-                rows = list(s.scalars(query))
+                rows = list(s.scalars(query.where(EventRow.id > after_id).order_by(EventRow.id).limit(limit)))
             else:
-                rows = list(s.scalars(select(EventRow).order_by(EventRow.id.desc()).limit(limit)))[::-1]
-            return [{"id": r.id, "kind": r.kind, "message": r.message, "data": r.data,
+                rows = list(s.scalars(query.order_by(EventRow.id.desc()).limit(limit)))[::-1]
+            return [{"id": r.id, "kind": r.kind, "project": r.project_id, "message": r.message, "data": r.data,
                      "at": r.created_at.isoformat()} for r in rows]
 
 
@@ -680,9 +702,15 @@ def _annotation_record(row: AnnotationRow | None) -> ledger.AnnotationRecord | N
                                    refused=row.refused)
 
 
+def _lineage(kind: str, project_id: int):
+    """The project's versions of `kind`, and those published before projects had their own (NULL)."""
+    return (ModelVersionRow.kind == kind) & or_(ModelVersionRow.project_id == project_id,
+                                                ModelVersionRow.project_id.is_(None))
+
+
 def _version(row: ModelVersionRow) -> ModelVersion:
     return ModelVersion(kind=row.kind, version=row.version, path=row.path, pairs_seen=row.pairs_seen,
-                        metrics=dict(row.metrics or {}), retired=bool(row.retired))
+                        metrics=dict(row.metrics or {}), retired=bool(row.retired), project_id=row.project_id)
 
 
 def text_key(namespace: str, text: str) -> str:

@@ -47,7 +47,7 @@ def sync_project(store: Store, client: LabelStudio, project_id: int) -> SyncRepo
     tasks = list(labelstudio.iter_tasks(client, project_id))
     for task in tasks:
         store.save_task(project_id, task["id"], task["data"])
-    deleted_tasks = store.delete_tasks(known_tasks - {task["id"] for task in tasks})
+    deleted_tasks = sum(map(len, store.delete_tasks(known_tasks - {task["id"] for task in tasks}).values()))
     events = ledger.sync_events(before, ledger.exported_saves(tasks, schema, project_id), project_id)
     for event in events:
         store.apply_annotation_event(event)

@@ -138,13 +138,13 @@ def on_annotation_saved(store: Store, payload: dict) -> dict:
         raise PayloadError(str(exc)) from None
     applied = store.apply_annotation_event(saved)
     if applied:
-        store.enqueue("fit_reward", None)
+        store.enqueue("fit_reward", event.project.id)
     if saved.refused:  # recorded first: the annotator's current answer replaces the older version's pairs
         log.warning("refused annotation %s: %s", event.annotation.id, saved.refused)
         raise PayloadError(saved.refused)
     store.log_event("pairs", f"annotation {event.annotation.id} on task {event.task.id} gave {len(saved.pairs)} pairs"
                     + ("" if applied else " (an older version than the store holds: ignored)"),
-                    annotation=event.annotation.id, pairs=len(saved.pairs), applied=applied)
+                    project=event.project.id, annotation=event.annotation.id, pairs=len(saved.pairs), applied=applied)
     return {"pairs": len(saved.pairs), "applied": applied}
 
 
@@ -152,8 +152,9 @@ def on_annotations_deleted(store: Store, payload: dict) -> dict:
     """ANNOTATIONS_DELETED (ids only): their pairs go, and a tombstone stops a late save reviving them."""
     event = parse(AnnotationsDeleted, payload)
     ids = tuple(a.id for a in event.annotations)
-    store.apply_annotation_event(ledger.AnnotationsDeleted(ids, event.project.id if event.project else None))
-    store.enqueue("fit_reward", None)
+    project_id = event.project.id if event.project else None
+    store.apply_annotation_event(ledger.AnnotationsDeleted(ids, project_id))
+    store.enqueue("fit_reward", project_id)  # without a project: a refit of every project
     return {"deleted_annotations": len(ids)}
 
 
@@ -161,11 +162,11 @@ def on_tasks_deleted(store: Store, payload: dict) -> dict:
     """TASKS_DELETED (ids only): the tasks' pairs leave training; the reward model is refitted without them."""
     event = parse(TasksDeleted, payload)
     deleted = store.delete_tasks(t.id for t in event.tasks)
-    if deleted:
-        store.enqueue("fit_reward", None)
-        store.log_event("tasks_deleted", f"{deleted} deleted task(s) and their pairs left training",
-                        tasks=[t.id for t in event.tasks])
-    return {"deleted_tasks": deleted}
+    for project_id, task_ids in deleted.items():
+        store.enqueue("fit_reward", project_id)
+        store.log_event("tasks_deleted", f"{len(task_ids)} deleted task(s) and their pairs left training",
+                        project=project_id, tasks=task_ids)
+    return {"deleted_tasks": sum(map(len, deleted.values()))}
 
 
 def on_project_deleted(store: Store, payload: dict) -> dict:
@@ -210,7 +211,7 @@ def on_train(store: Store, payload: dict, project_id: int) -> dict:
     except AnnotationError as exc:
         raise PayloadError(str(exc)) from None
     applied = sum(store.apply_annotation_event(saved) for saved in saves)
-    store.enqueue("fit_reward", None)
+    store.enqueue("fit_reward", project_id)
     store.enqueue("train_policy", project_id)
     return {"annotations": len(saves), "applied": applied, "queued": "train_policy"}
 

@@ -4,9 +4,10 @@ Webhooks only record what happened and queue a job in the store; this process (s
 gunicorn by `rlhf-backend serve`, or alone with `rlhf-backend worker`) claims jobs one at a time:
 - generate:      prompts of new tasks -> K candidates each, written into the tasks in Label Studio
 - sync:          a project's annotations in Label Studio -> a store equal to them (missed webhooks)
-- fit_reward:    stored pairs -> a new reward-model version if it holds up; may queue train_policy
-- train_policy:  reward model + project prompts -> PPO/GRPO/RLOO -> guard rails -> a new policy version
-- regenerate:    tasks nobody annotated yet -> fresh candidates from the newest policy
+- fit_reward:    a project's pairs -> a new reward-model version of it if it holds up; may queue train_policy
+- train_policy:  a project's reward model + prompts -> PPO/GRPO/RLOO/DPO -> guard rails -> its new policy version
+- regenerate:    a project's tasks nobody annotated yet -> fresh candidates from its newest policy
+Every job but secure_webhook belongs to one project, and touches only that project's loop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict
+from functools import partial
 
 import torch
 from label_studio_sdk.core.api_error import ApiError
@@ -111,7 +113,7 @@ class Worker:
         todo = {tid: data for tid, data in tasks.items() if force or not data.get(schema.candidates_field)}
         if not todo:
             return
-        policy = self.registry.policy()
+        policy = self.registry.policy(job.project_id)
         started = time.perf_counter()
         ids = sorted(todo)
         count = min(self.settings.num_candidates, schema.max_candidates or self.settings.num_candidates)
@@ -122,8 +124,8 @@ class Worker:
             batch_size=self.settings.generation_batch_size,
         )
         # before the first reward model there is no belief to pre-order by: Label Studio asks /predict later
-        reward = self.registry.reward_model() if self.registry.reward_version() else None
-        model_version = self.registry.model_version()
+        reward = self.registry.reward_model(job.project_id) if self.registry.reward_version(job.project_id) else None
+        model_version = self.registry.model_version(job.project_id)
         for task_id, task_candidates in zip(ids, candidates):
             data = {**todo[task_id], **schema.candidate_data([c.as_list_item() for c in task_candidates])}
             labelstudio.write_task_data(self.client, task_id, data)
@@ -138,7 +140,7 @@ class Worker:
 
     def regenerate(self, job: Job) -> None:
         """After a new (or rolled-back) policy: fresh candidates for tasks nobody annotated; annotated tasks keep theirs."""
-        current = self.registry.policy_version()
+        current = self.registry.policy_version(job.project_id)
         versions = self.store.task_policy_versions(job.project_id)
         stale = [t for t in labelstudio.unannotated_task_ids(self.client, job.project_id)
                  if t in versions and versions[t] != current]  # != not <: a rollback serves an older version
@@ -147,11 +149,11 @@ class Worker:
 
     def sync(self, job: Job) -> None:
         """Catch up with annotations made while no backend listened (webhooks are never retried)."""
-        before = self.store.pair_count()
+        before = self.store.pair_count(job.project_id)
         report = sync_project(self.store, self.client, job.project_id)
         self.store.log_event("sync", f"project {job.project_id} synced: {report}", project=job.project_id)
-        if self.store.pair_count() != before or report.removed_annotations:
-            self.store.enqueue("fit_reward", None)
+        if self.store.pair_count(job.project_id) != before or report.removed_annotations or report.removed_tasks:
+            self.store.enqueue("fit_reward", job.project_id)
 
     def secure_webhook(self, job: Job, wait_seconds: float = 5.0) -> None:
         """Give the webhook Label Studio created for this backend the Authorization header it lacks.
@@ -180,101 +182,113 @@ class Worker:
 
     # --- reward model ---
     def fit_reward(self, job: Job) -> None:
-        """Stored pairs -> an incremental (or scheduled full) update, published only if it holds up on held-out prompts."""
-        self.update_reward()
-        self.queue_policy_update_if_due(job.project_id)
+        """The project's pairs -> an incremental (or scheduled full) update, published only if it holds up on
+        held-out prompts. A job without a project (queued before projects had their own loops) fits them all."""
+        for project_id in [job.project_id] if job.project_id is not None else self.store.project_ids():
+            self.update_reward(project_id)
+            self.queue_policy_update_if_due(project_id)
 
-    def update_reward(self, full_refit: bool = False) -> None:
-        with self.store.exclusive("reward-fit"):  # the fast lane and a policy update's full refit
-            fit_reward_version(self.store, self.registry.reward_model(), self.registry.reward_dir, self.update_policy,
+    def update_reward(self, project_id: int, full_refit: bool = False) -> None:
+        # the fast lane and a policy update's full refit would write the same version directory
+        with self.store.exclusive(f"reward-fit:{project_id}"):
+            fit_reward_version(self.store, project_id, self.registry.reward_model(project_id),
+                               partial(self.registry.reward_dir, project_id), self.update_policy,
                                finetune_base=self.finetune_base, seed=self.settings.seed, full_refit=full_refit)
 
-    def refit_reward_fully(self) -> None:
+    def refit_reward_fully(self, project_id: int) -> None:
         """Refit the reward heads from scratch if they were updated incrementally since their last full refit.
 
         Incremental updates follow annotators within a second but fit less well than a refit on every
         pair (HH: 0.626 vs 0.640; a Label Studio run's 108 held-out pairs: 0.69 vs 0.80), and PPO
         optimises whatever the reward model gets wrong, so it waits the few seconds for a full refit.
         """
-        latest = self.store.latest_version("reward")
+        latest = self.store.latest_version("reward", project_id)
         if latest is None or not latest.metrics.get("updates_since_full_refit"):
             return  # nothing fitted yet, a full refit, or the fine-tuned tier (always fitted from scratch)
-        self.update_reward(full_refit=True)
+        self.update_reward(project_id, full_refit=True)
 
-    def queue_policy_update_if_due(self, project_id: int | None) -> None:
-        """Queue PPO once enough new human signal has arrived and the reward model is worth training on."""
-        new_pairs = self.store.pair_count(after_id=self.last_attempt_pair_id())
-        if new_pairs < self.settings.ppo_trigger_pairs or self.store.has_active_job("train_policy"):
+    def queue_policy_update_if_due(self, project_id: int) -> None:
+        """Queue the project's policy update once enough new human signal has arrived in it and its reward
+        model is worth training on."""
+        new_pairs = self.store.pair_count(project_id, after_id=self.last_attempt_pair_id(project_id))
+        if new_pairs < self.settings.ppo_trigger_pairs or self.store.has_active_job("train_policy", project_id):
             return
-        reward = self.store.latest_version("reward")
+        reward = self.store.latest_version("reward", project_id)
         accuracy = reward.metrics.get("held_out_accuracy") if reward else None
         if accuracy is not None and accuracy < self.settings.ppo_min_rm_accuracy:
             self.store.log_event("trigger", f"{new_pairs} new pairs, but the reward model's held-out accuracy "
-                                 f"{accuracy:.3f} < PPO_MIN_RM_ACCURACY {self.settings.ppo_min_rm_accuracy}: no PPO yet")
+                                 f"{accuracy:.3f} < PPO_MIN_RM_ACCURACY {self.settings.ppo_min_rm_accuracy}: no PPO yet",
+                                 project=project_id)
             return
         self.store.enqueue("train_policy", project_id)
-        self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: {self.settings.rl_algorithm} queued")
+        self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: {self.settings.rl_algorithm} "
+                             "queued", project=project_id)
 
-    def last_attempt_pair_id(self) -> int:
-        """The newest pair the last policy update saw, published or refused: the next one waits for
-        PPO_TRIGGER_PAIRS pairs after it, so a refused run is not retried on the same signal."""
-        latest = self.store.latest_version("policy")
-        refused = self.store.last_event_data("policy_rejected") or {}
+    def last_attempt_pair_id(self, project_id: int) -> int:
+        """The newest pair of the project its last policy update saw, published or refused: the next one
+        waits for PPO_TRIGGER_PAIRS pairs after it, so a refused run is not retried on the same signal."""
+        latest = self.store.latest_version("policy", project_id)
+        refused = self.store.last_event_data("policy_rejected", project_id) or {}
         return max(latest.metrics.get("last_pair_id", 0) if latest else 0, refused.get("last_pair_id", 0))
 
     # --- policy ---
-    def wait_for_syncs(self, timeout: float = 600.0) -> None:
+    def wait_for_syncs(self, project_id: int, timeout: float = 600.0) -> None:
         """"Start training" queues a sync beside the update; the fast lane runs it, and the update trains
         on what it brings in, so it waits (a while: a sync reads every task of the project)."""
         deadline = time.monotonic() + timeout
-        while self.store.has_active_job("sync") and time.monotonic() < deadline:
+        while self.store.has_active_job("sync", project_id) and time.monotonic() < deadline:
             time.sleep(0.5)
 
     def train_policy(self, job: Job) -> None:
-        """Reward model + project prompts -> RL -> a new policy version, published only past the guard rails."""
-        settings = self.settings
-        self.wait_for_syncs()
-        last_pair_id = self.store.max_pair_id()
-        serving = self.registry.policy()  # publishes v0 on first use
-        shown = self.project_prompts()  # prompt -> candidate texts annotators saw
+        """The project's reward model + prompts -> RL -> its new policy version, published only past the guard rails."""
+        settings, project_id = self.settings, job.project_id
+        if project_id is None:
+            raise ValueError("a policy update needs its project: queue train_policy with the Label Studio project id")
+        self.wait_for_syncs(project_id)
+        last_pair_id = self.store.max_pair_id(project_id)
+        serving = self.registry.policy(project_id)  # publishes v0 on first use
+        shown = self.project_prompts(project_id)  # prompt -> candidate texts annotators saw
         train_prompts, held_out = split_held_out(list(shown))
         if not train_prompts:
             raise ValueError("no training prompts: import prompts into the project before training")
         if len(held_out) < MIN_HELD_OUT_PROMPTS:  # no gain could be shown: do not spend minutes training
             self.store.log_event("policy_rejected", f"no policy update: {len(held_out)} of {len(shown)} prompts are "
                                  f"held out, {MIN_HELD_OUT_PROMPTS} are needed to show a gain; import more prompts",
-                                 last_pair_id=last_pair_id)
+                                 project=project_id, last_pair_id=last_pair_id)
             return
-        self.refit_reward_fully()
-        reward = self.registry.reward_model()
+        self.refit_reward_fully(project_id)
+        reward = self.registry.reward_model(project_id)
         model, tokenizer = load_causal_lm(serving.path)  # a private copy: training must not touch the serving model
         model.to(training_device(settings.train_device))
         self.store.log_event("ppo", f"{settings.rl_algorithm} started from policy v{serving.version} with reward "
-                             f"v{reward.version} on {len(train_prompts)} prompts ({len(held_out)} held out)")
+                             f"v{reward.version} on {len(train_prompts)} prompts ({len(held_out)} held out)",
+                             project=project_id)
 
         def on_step(stats: StepStats) -> None:
             kl = "n/a" if stats.kl is None else f"{stats.kl:.3f}"
             self.store.log_event("ppo_step", f"{settings.rl_algorithm} step {stats.step}: reward "
-                                 f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", **asdict(stats))
+                                 f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", project=project_id,
+                                 **asdict(stats))
 
         # train: the reward in units of the candidates annotators saw (centred per prompt, unit spread)
         reward_fn = normalised_to_candidates(reward.score, {p: shown[p] for p in train_prompts if shown[p]})
         trained, stats = improve_policy(settings.rl_algorithm, model, tokenizer, train_prompts, reward_fn,
                                         ppo_config(settings), group_size=settings.rl_group_size, on_step=on_step,
-                                        pairs=self.training_pairs(set(train_prompts)) if settings.rl_algorithm == "dpo" else None,
+                                        pairs=self.training_pairs(project_id, set(train_prompts))
+                                        if settings.rl_algorithm == "dpo" else None,
                                         dpo_config=dpo_config(settings))
         metrics = {"algorithm": settings.rl_algorithm, "reward_version": reward.version, "steps": len(stats),
                    "final_train_kl": stats[-1].kl if stats else None, "last_pair_id": last_pair_id}
         if not stats:  # PPO undid its only update: the "new" policy is the serving one
             self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "
                                  "the first update already drifted past PPO_STOP_KL / PPO_STOP_NLL_RISE and was "
-                                 "undone", **metrics)
+                                 "undone", project=project_id, **metrics)
             return
         # guard rails: held-out prompts the update never saw judge whether the new policy may serve
         comparison = compare_on_held_out(trained, model, tokenizer, held_out, reward.score,
                                          samples=HELD_OUT_SAMPLES, max_new_tokens=settings.max_new_tokens,
                                          seed=settings.seed)
-        rm = self.store.latest_version("reward")
+        rm = self.store.latest_version("reward", project_id)
         ok, reason = should_publish(comparison.kl, settings.ppo_max_kl, comparison.reward_new,
                                     comparison.reward_old, min_reward_gain=settings.ppo_min_reward_gain,
                                     reward_se=comparison.reward_se,
@@ -285,36 +299,34 @@ class Worker:
         metrics.update(asdict(comparison), guard=reason)
         if not ok:
             self.store.log_event("policy_rejected", f"policy not published, v{serving.version} keeps serving: "
-                                 f"{reason}", **metrics)
+                                 f"{reason}", project=project_id, **metrics)
             return
         # publish: saved to a staging directory and renamed, then recorded in the store
-        version = self.store.next_version("policy")
-        directory = self.registry.policy_dir(version)
+        version = self.store.next_version("policy", project_id)
+        directory = self.registry.policy_dir(project_id, version)
         with atomic_directory(directory) as staging:  # a killed run never leaves a half-written policy
             trained.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-        self.store.publish_version("policy", version, str(directory), pairs_seen=self.store.pair_count(),
-                                   metrics=metrics)
+        self.store.publish_version("policy", project_id, version, str(directory),
+                                   pairs_seen=self.store.pair_count(project_id), metrics=metrics)
         self.store.log_event("policy", f"policy v{version} published after {len(stats)} steps ({metrics['guard']})",
-                             **metrics)
-        for project_id in self.store.project_ids():
-            self.store.enqueue("regenerate", project_id)
+                             project=project_id, **metrics)
+        self.store.enqueue("regenerate", project_id)
 
-    def training_pairs(self, prompts: set[str]) -> tuple[list[str], list[str], list[str]]:
-        """Every stored pair on a training prompt, as (prompts, chosen, rejected): DPO's data."""
-        rows = [r for r in self.store.pairs() if r.prompt in prompts]
+    def training_pairs(self, project_id: int, prompts: set[str]) -> tuple[list[str], list[str], list[str]]:
+        """The project's pairs on training prompts, as (prompts, chosen, rejected): DPO's data."""
+        rows = [r for r in self.store.pairs(project_id) if r.prompt in prompts]
         return [r.prompt for r in rows], [r.chosen for r in rows], [r.rejected for r in rows]
 
-    def project_prompts(self) -> dict[str, list[str]]:
-        """Every prompt of every task the backend has seen, with the candidate texts shown for it."""
+    def project_prompts(self, project_id: int) -> dict[str, list[str]]:
+        """Every prompt of the project's tasks, with the candidate texts shown for it."""
+        schema = self.schema(project_id)
         prompts: dict[str, list[str]] = {}
-        for project_id in self.store.project_ids():
-            schema = self.schema(project_id)
-            for data in self.store.project_task_data(project_id):
-                prompt = str(data.get(schema.prompt_field, ""))
-                if prompt:
-                    bodies = [str(c.get("body", "")) for c in schema.candidate_items(data)]
-                    prompts.setdefault(prompt, []).extend(b for b in bodies if b)
+        for data in self.store.project_task_data(project_id):
+            prompt = str(data.get(schema.prompt_field, ""))
+            if prompt:
+                bodies = [str(c.get("body", "")) for c in schema.candidate_items(data)]
+                prompts.setdefault(prompt, []).extend(b for b in bodies if b)
         return prompts
 
 

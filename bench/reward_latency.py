@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from backend.reward_training import UpdatePolicy, fit_reward_version, read_pairs
 from backend.settings import load_settings  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+PROJECT = 1  # the captured payload's project
 PAYLOAD = ROOT.parent / "shared" / "label-studio" / "payloads" / "webhook_ANNOTATION_CREATED_ranker.json"
 
 
@@ -70,7 +72,9 @@ def main() -> None:
             job = store.claim_job("bench")
             if job is None or job.kind != "fit_reward":
                 raise RuntimeError(f"expected a queued fit_reward job, got {job}")
-            update = fit_reward_version(store, registry.reward_model(), registry.reward_dir, UpdatePolicy())
+            project = job.project_id
+            update = fit_reward_version(store, project, registry.reward_model(project),
+                                        partial(registry.reward_dir, project), UpdatePolicy())
             store.finish_job(job.id)
             return update.version
 
@@ -84,15 +88,15 @@ def main() -> None:
         latencies, versions, kinds = [], [], []
         for r in range(args.repeats):
             pair = pairs[args.seed_pairs + r]
-            before = registry.reward_version()
+            before = registry.reward_version(PROJECT)
             mark = time.perf_counter()
             post(10_000 + r, pair)
             version = worker_step()
             latencies.append(time.perf_counter() - mark)
             versions.append(version)
-            latest = store.latest_version("reward")
+            latest = store.latest_version("reward", PROJECT)
             kinds.append("full refit" if latest.metrics.get("full_refit") else "incremental")
-            if version is not None and registry.reward_version() <= before:
+            if version is not None and registry.reward_version(PROJECT) <= before:
                 raise RuntimeError("the update did not publish a newer version")
 
     published = sum(v is not None for v in versions)

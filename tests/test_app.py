@@ -143,8 +143,9 @@ def test_unknown_webhook_action_is_acknowledged_and_ignored(client):
 
 
 def test_start_training_queues_a_policy_update(client, store):
-    client.post("/webhook", json=payload("webhook_START_TRAINING"))
-    assert store.has_active_job("train_policy")
+    body = payload("webhook_START_TRAINING")
+    client.post("/webhook", json=body)
+    assert store.has_active_job("train_policy", body["project"]["id"])
 
 
 @pytest.mark.parametrize("route", ["/setup", "/predict", "/webhook"])
@@ -230,7 +231,7 @@ def test_status_without_a_cursor_shows_the_newest_events(client, store):
 def test_metrics_expose_pair_count_from_the_store(client):
     client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))
     text = client.get("/metrics").get_data(as_text=True)
-    assert "rlhf_preference_pairs 3.0" in text
+    assert 'rlhf_preference_pairs{project="1"} 3.0' in text
 
 
 def test_status_reports_pairwise_agreement_between_two_annotators(client):
@@ -240,7 +241,7 @@ def test_status_reports_pairwise_agreement_between_two_annotators(client):
     second["annotation"]["result"][0]["value"]["ranker"]["rank"] = ["c2", "c0", "c1"]  # flips c0 vs c2 only
     client.post("/webhook", json=first)
     client.post("/webhook", json=second)
-    agreement = client.get("/status").get_json()["agreement"]
+    agreement = client.get("/status", query_string={"project": 1}).get_json()["agreement"]
     assert agreement["pairwise"] == {"rate": pytest.approx(2 / 3), "compared": 3}
     assert set(agreement["annotators"]) == {"1", "2"}
 
@@ -259,3 +260,26 @@ def test_setup_behind_auth_queues_securing_the_webhook_until_it_has_the_credenti
     client.post("/setup", json=body, auth=("ls", "secret"))
     assert len([j for j in store.jobs() if j["kind"] == "secure_webhook"]) == 1  # done once, not per /setup
     assert "secret" not in str(store.events()) and "secret" not in str(store.jobs())
+
+
+def test_two_projects_keep_their_own_pairs_reward_model_and_model_version(app, client, store):
+    from backend.worker import Worker
+
+    other = copy.deepcopy(payload("setup"))
+    other["project"] = "2.1795774913"
+    assert client.post("/setup", json=other).get_json()["model_version"] == "policy-v0.reward-v0"
+    client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))  # project 1
+    job = store.claim_job("test")
+    assert (job.kind, job.project_id) == ("fit_reward", 1)
+    Worker(app.extensions["rlhf"]["settings"], store).run(job)
+
+    assert client.post("/setup", json=payload("setup")).get_json()["model_version"] == "policy-v0.reward-v1"
+    assert client.post("/setup", json=other).get_json()["model_version"] == "policy-v0.reward-v0"
+    task = copy.deepcopy(payload("webhook_ANNOTATION_CREATED_ranker")["task"])
+    versions = {p: client.post("/predict", json={"tasks": [task], "project": f"{p}.1795774913",
+                                                  "label_config": payload("setup")["schema"]}).get_json()
+                ["results"][0]["model_version"] for p in (1, 2)}
+    assert versions == {1: "policy-v0.reward-v1", 2: "policy-v0.reward-v0"}
+    status = client.get("/status").get_json()
+    assert {p["id"]: p["pairs"] for p in status["projects"]} == {1: 3, 2: 0}
+    assert client.get("/status", query_string={"project": 2}).get_json()["reward_versions"] == []

@@ -27,7 +27,8 @@ def test_label_studio_reaches_a_backend_behind_basic_auth(tiny_env, label_studio
                             auth_method="BASIC_AUTH", basic_auth_user=USER, basic_auth_pass=PASSWORD)
 
         def status() -> dict:
-            return requests.get(f"{backend.url}/status", auth=(USER, PASSWORD), timeout=5).json()
+            return requests.get(f"{backend.url}/status", params={"project": project.id}, auth=(USER, PASSWORD),
+                                timeout=5).json()
 
         # Label Studio's own webhook to /webhook sends no credentials: the worker adds the header
         deadline = time.monotonic() + 60

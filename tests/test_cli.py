@@ -42,17 +42,17 @@ def test_policy_rollback_serves_the_older_version_and_queues_regeneration(env):
     store.create_schema()
     store.save_project(3, "<View/>")
     for v in range(3):
-        store.publish_version("policy", v, f"/p{v}", 0, {})
-    result = run(env, "policy", "rollback", "1")
+        store.publish_version("policy", 3, v, f"/p{v}", 0, {})
+    result = run(env, "policy", "rollback", "1", "--project", "3")
     assert result.exit_code == 0, result.output
-    assert store.latest_version("policy").version == 1
+    assert store.latest_version("policy", 3).version == 1
     job = store.claim_job("t")
     assert (job.kind, job.project_id) == ("regenerate", 3)
 
 
 def test_policy_rollback_to_unknown_version_fails_with_the_known_ones(env):
-    result = run(env, "policy", "rollback", "9")
-    assert result.exit_code == 2 and "no policy version 9" in result.output
+    result = run(env, "policy", "rollback", "9", "--project", "3")
+    assert result.exit_code == 2 and "project 3 has no policy version 9" in result.output
 
 
 def _store_with_pairs(env: dict) -> Store:

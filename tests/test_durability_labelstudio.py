@@ -119,7 +119,7 @@ def test_store_equals_label_studio_after_sigkill_and_restart(tmp_path, tiny_env,
             time.sleep(1)
         for pid, pairs in expected.items():
             assert stored_pairs(store, pid) == pairs, f"project {pid}"
-        assert requests.get(f"{backend.url}/status", timeout=5).json()["pairs"] == sum(
-            sum(c.values()) for c in expected.values())
+        summaries = requests.get(f"{backend.url}/status", timeout=5).json()["projects"]
+        assert {p["id"]: p["pairs"] for p in summaries} == {pid: sum(c.values()) for pid, c in expected.items()}
     finally:
         backend.stop()

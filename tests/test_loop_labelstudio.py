@@ -55,6 +55,14 @@ def loop(tmp_path, tiny_env, label_studio, ls_client):
 
 def test_loop_runs_from_import_through_the_policy_update_to_fresh_candidates(loop, ls_client, tmp_path):
     env, backend, project_id = loop
+    # a second project on the same backend: its own loop, untouched by the first one's annotations
+    other = ls_client.projects.create(title=f"other-{tmp_path.name}", label_config=(ROOT / "templates/ranker.xml").read_text())
+    ls_client.ml.create(project=other.id, url=backend.url, title="rlhf", is_interactive=True, auto_update=True)
+    ls_client.projects.import_tasks(id=other.id, request=[{"data": {"prompt": "Name a tree.", "answers": []}}])
+
+    def project_status() -> dict:
+        return requests.get(f"{backend.url}/status", params={"project": project_id}, timeout=5).json()
+
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS))
 
@@ -82,12 +90,11 @@ def test_loop_runs_from_import_through_the_policy_update_to_fresh_candidates(loo
         ls_client.annotations.create(id=task["id"], lead_time=3.0, result=[
             {"from_name": "rank", "to_name": "answers", "type": "ranker", "value": {"ranker": {"rank": order}}}])
 
-    status = wait_for(lambda: (s := requests.get(f"{backend.url}/status", timeout=5).json())["pairs"] == 6 and s,
-                      30, "6 pairs in the store")
+    status = wait_for(lambda: (s := project_status())["pairs"] == 6 and s, 30, "6 pairs in the store")
     assert status["pairs"] == 6
 
     # the reward model is refitted, PPO runs and publishes policy v1
-    status = wait_for(lambda: (s := requests.get(f"{backend.url}/status", timeout=5).json())["policy_versions"]
+    status = wait_for(lambda: (s := project_status())["policy_versions"]
                       and s["policy_versions"][-1]["version"] >= 1 and s, 300, "policy v1")
     assert status["reward_versions"][-1]["version"] >= 1
     assert status["reward_versions"][-1]["pairs_seen"] == 6
@@ -107,3 +114,9 @@ def test_loop_runs_from_import_through_the_policy_update_to_fresh_candidates(loo
         assert len(predictions) == 1 and sorted(predictions[0]) == sorted(candidate_ids(task)), (task, predictions)
     assert "policy-v1" in requests.post(f"{backend.url}/setup", json={
         "project": f"{project_id}.1", "schema": (ROOT / "templates/ranker.xml").read_text()}, timeout=5).json()["model_version"]
+
+    # the other project kept its own loop: no pairs, no reward model, the base policy and its candidates
+    untouched = requests.get(f"{backend.url}/status", params={"project": other.id}, timeout=5).json()
+    assert (untouched["model_version"], untouched["pairs"], untouched["reward_versions"]) == ("policy-v0.reward-v0", 0, [])
+    [other_task] = task_list(ls_client, other.id)
+    assert candidate_versions(other_task) == {0}

@@ -56,7 +56,7 @@ def test_predictions_reorder_after_annotations_change_the_reward_models_mind(tin
                                                               "type": "ranker", "value": {"ranker": {"rank": ["c2", "c1", "c0"]}}}])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            status = requests.get(f"{backend.url}/status", timeout=5).json()
+            status = requests.get(f"{backend.url}/status", params={"project": project.id}, timeout=5).json()
             if status["reward_versions"] and status["reward_versions"][-1]["pairs_seen"] == 3 * len(task_ids):
                 break
             time.sleep(1)

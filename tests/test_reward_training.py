@@ -81,8 +81,8 @@ def test_update_refits_fully_every_n_updates_and_after_deletions(encoder):
 
 def test_first_fit_publishes_a_version_with_held_out_accuracy_and_calibration(store, encoder, tmp_path):
     add_pairs(store, records(0, 60), annotation_id=1)
-    update = fit_reward_version(store, RewardModel(encoder), lambda v: tmp_path / f"v{v}", UpdatePolicy())
-    latest = store.latest_version("reward")
+    update = fit_reward_version(store, 1, RewardModel(encoder), lambda v: tmp_path / f"v{v}", UpdatePolicy())
+    latest = store.latest_version("reward", 1)
     assert update.version == latest.version == 1
     assert latest.metrics["held_out_accuracy"] == 1.0 and latest.metrics["held_out_ece"] is not None
     assert latest.metrics["last_pair_id"] == max(p.id for p in store.pairs())
@@ -96,27 +96,27 @@ def test_a_candidate_worse_than_the_serving_model_on_held_out_pairs_is_not_publi
     good = RewardModel(encoder).fit([r.prompt for r in rows], [r.chosen for r in rows], [r.rejected for r in rows],
                                     [0.0] * len(rows))
     serving = good.model.replace(version=1)
-    store.publish_version("reward", 1, str(tmp_path / "v1"), pairs_seen=0, metrics={})
-    update = fit_reward_version(store, serving, lambda v: tmp_path / f"v{v}", UpdatePolicy())
+    store.publish_version("reward", 1, 1, str(tmp_path / "v1"), pairs_seen=0, metrics={})
+    update = fit_reward_version(store, 1, serving, lambda v: tmp_path / f"v{v}", UpdatePolicy())
     assert update.version is None and "worse" in update.reason
-    assert store.latest_version("reward").version == 1
+    assert store.latest_version("reward", 1).version == 1
 
 
 def test_rollback_serves_the_old_version_again(store, encoder, tmp_path):
     for version in (1, 2, 3):
         RewardModel(encoder, LinearHead(np.full(num_features(encoder.dim), float(version)), 0.5)).save(
             tmp_path / f"v{version}")
-        store.publish_version("reward", version, str(tmp_path / f"v{version}"), pairs_seen=version, metrics={})
-    assert rollback_reward(store, 1) == 2
-    assert store.latest_version("reward").path == str(tmp_path / "v1")
+        store.publish_version("reward", 1, version, str(tmp_path / f"v{version}"), pairs_seen=version, metrics={})
+    assert rollback_reward(store, 1, 1) == 2
+    assert store.latest_version("reward", 1).path == str(tmp_path / "v1")
 
 
 def test_rollback_to_a_version_whose_files_are_gone_is_refused(store, tmp_path):
-    store.publish_version("reward", 1, str(tmp_path / "gone"), pairs_seen=0, metrics={})
-    store.publish_version("reward", 2, str(tmp_path / "v2"), pairs_seen=0, metrics={})
+    store.publish_version("reward", 1, 1, str(tmp_path / "gone"), pairs_seen=0, metrics={})
+    store.publish_version("reward", 1, 2, str(tmp_path / "v2"), pairs_seen=0, metrics={})
     with pytest.raises(ValueError, match="which is gone"):
-        rollback_reward(store, 1)
-    assert store.latest_version("reward").version == 2
+        rollback_reward(store, 1, 1)
+    assert store.latest_version("reward", 1).version == 2
 
 
 def test_read_pairs_names_the_bad_line(tmp_path):
@@ -140,8 +140,8 @@ def test_cli_fit_then_eval_prints_accuracy_as_the_last_line(tiny_encoder, tmp_pa
 
 
 def test_cli_rollback_of_a_missing_version_exits_2_with_one_line(tmp_path):
-    result = CliRunner().invoke(reward_app, ["rollback", "5"], env={"MODEL_DIR": str(tmp_path / "md")})
-    assert result.exit_code == 2 and "no reward version 5" in result.output
+    result = CliRunner().invoke(reward_app, ["rollback", "5", "--project", "1"], env={"MODEL_DIR": str(tmp_path / "md")})
+    assert result.exit_code == 2 and "project 1 has no reward version 5" in result.output
 
 
 def test_finetuned_tier_trains_with_reward_trainer_and_loads_back(tiny_encoder, tmp_path):

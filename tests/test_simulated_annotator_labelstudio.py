@@ -44,10 +44,10 @@ SAMPLES = 4
 TEMPLATES = {"ranker": "ranker.xml", "buckets": "ranker_buckets.xml"}  # how the annotator ranks -> its label config
 
 
-def wait_for_status(url: str, condition, timeout: float, what: str) -> dict:
+def wait_for_status(url: str, project_id: int, condition, timeout: float, what: str) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = requests.get(f"{url}/status", timeout=10).json()
+        status = requests.get(f"{url}/status", params={"project": project_id}, timeout=10).json()
         if condition(status):
             return status
         time.sleep(3)
@@ -81,7 +81,7 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
         ml = ls_client.ml.create(project=project.id, url=backend.url, title="rlhf", is_interactive=False)
         ls_client.projects.import_tasks(id=project.id, request=[{"data": {"prompt": p, "answers": []}}
                                                                 for p in train_prompts])
-        wait_for_status(backend.url, lambda s: any(e["kind"] == "candidates" for e in s["events"]) and not any(
+        wait_for_status(backend.url, project.id, lambda s: any(e["kind"] == "candidates" for e in s["events"]) and not any(
             j["kind"] == "generate" and j["state"] in ("queued", "running") for j in s["recent_jobs"]),
             900, "candidates")
 
@@ -90,7 +90,7 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
             ls_client.annotations.create(id=task.id, result=[{"from_name": "rank", "to_name": "answers", "type": "ranker",
                                          "value": {"ranker": ranker_result(task.data["answers"], preference, annotation)}}])
         ls_client.ml.train(id=ml.id)  # "Start training"
-        status = wait_for_status(backend.url, lambda s: any(e["kind"] in ("policy", "policy_rejected", "job_failed")
+        status = wait_for_status(backend.url, project.id, lambda s: any(e["kind"] in ("policy", "policy_rejected", "job_failed")
                                                             for e in s["events"]), 2700, "the policy update")
         outcome = [e for e in status["events"] if e["kind"] in ("policy", "policy_rejected", "job_failed")][0]
         print("\n".join(f"{e['kind']}: {e['message']}" for e in status["events"]))  # shown when the test fails

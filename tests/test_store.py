@@ -70,7 +70,7 @@ def test_a_job_that_loses_its_worker_on_every_attempt_fails_with_the_reason(stor
 def test_a_requeued_policy_update_still_absorbs_a_new_trigger(store):
     import time
 
-    job_id = store.enqueue("train_policy", None)
+    job_id = store.enqueue("train_policy", 4)
     store.claim_job("dead-worker")
     time.sleep(0.05)
     store.requeue_stale_jobs(lease_seconds=0.01, max_attempts=3)
@@ -109,19 +109,29 @@ def test_failed_job_keeps_its_reason(store):
     assert store.jobs()[0]["error"] == "ValueError: boom" and store.job_counts() == {"failed": 1}
 
 
-def test_next_version_counts_up_per_kind(store):
-    store.publish_version("policy", 0, "/p0", 0, {})
-    assert store.next_version("policy") == 1 and store.next_version("reward") == 0
-    store.publish_version("policy", 1, "/p1", 6, {})
-    assert store.latest_version("policy").path == "/p1" and store.latest_version("policy").pairs_seen == 6
+def test_next_version_counts_up_per_kind_and_project(store):
+    store.publish_version("policy", 1, 0, "/p0", 0, {})
+    assert store.next_version("policy", 1) == 1 and store.next_version("reward", 1) == 0
+    store.publish_version("policy", 1, 1, "/p1", 6, {})
+    assert store.latest_version("policy", 1).path == "/p1" and store.latest_version("policy", 1).pairs_seen == 6
+    assert store.next_version("policy", 2) == 0 and store.latest_version("policy", 2) is None
+
+
+def test_two_projects_keep_their_own_lineages(store):
+    store.publish_version("reward", 1, 1, "/a/r1", 3, {})
+    store.publish_version("reward", 2, 1, "/b/r1", 5, {})  # the same number in another project
+    store.publish_version("reward", 1, 2, "/a/r2", 4, {})
+    assert store.latest_version("reward", 1).path == "/a/r2" and store.latest_version("reward", 2).path == "/b/r1"
+    assert store.rollback("reward", 1, 1) == 1
+    assert store.latest_version("reward", 2).path == "/b/r1" and not store.versions("reward", 2)[0].retired
 
 
 def test_publishing_the_same_version_twice_fails_loudly(store):
-    store.publish_version("reward", 1, "/r1", 3, {})
+    store.publish_version("reward", 1, 1, "/r1", 3, {})
     from sqlalchemy.exc import IntegrityError
 
     with pytest.raises(IntegrityError):
-        store.publish_version("reward", 1, "/other", 3, {})
+        store.publish_version("reward", 1, 1, "/other", 3, {})
 
 
 def _saved(annotation_id: int, stamp: str, n_pairs: int = 1):
@@ -150,19 +160,15 @@ def test_a_deleted_annotation_is_not_revived_by_a_late_save(store):
     assert store.pair_count() == 0 and store.annotation_ids(1) == set()
 
 
-def test_only_one_policy_update_is_queued_or_running_at_a_time(store):
-    first = store.enqueue("train_policy", None)
-    assert store.enqueue("train_policy", None) == first
+def test_only_one_policy_update_per_project_is_queued_or_running_at_a_time(store):
+    first = store.enqueue("train_policy", 7)
+    assert store.enqueue("train_policy", 7) == first
     store.claim_job("w")
-    assert store.enqueue("train_policy", None) == first  # the running run absorbs the trigger
+    assert store.enqueue("train_policy", 7) == first  # the running run absorbs the trigger
+    other = store.enqueue("train_policy", 8)
+    assert other != first and store.has_active_job("train_policy", 8)  # another project's loop is its own
     store.finish_job(first)
-    assert store.enqueue("train_policy", None) != first
-
-
-def test_start_training_and_the_automatic_trigger_queue_one_policy_update(store):
-    by_button = store.enqueue("train_policy", 7)  # START_TRAINING names its project
-    assert store.enqueue("train_policy", None) == by_button  # the trigger after a reward refit does not
-    assert store.enqueue("train_policy", 8) == by_button
+    assert store.enqueue("train_policy", 7) not in (first, other)
 
 
 def test_twin_jobs_queued_from_two_processes_fold_into_one(store_url):
@@ -204,17 +210,17 @@ def test_schema_migrations_are_safe_to_run_twice(store_url):
 
 def test_rollback_serves_the_older_version_and_numbering_continues(store):
     for v in range(3):
-        store.publish_version("policy", v, f"/p{v}", v, {})
-    assert store.rollback("policy", 1) == 1
-    assert store.latest_version("policy").version == 1
-    assert store.next_version("policy") == 3  # v2 stays on record, retired
-    assert [v.retired for v in store.versions("policy")] == [False, False, True]
+        store.publish_version("policy", 1, v, f"/p{v}", v, {})
+    assert store.rollback("policy", 1, 1) == 1
+    assert store.latest_version("policy", 1).version == 1
+    assert store.next_version("policy", 1) == 3  # v2 stays on record, retired
+    assert [v.retired for v in store.versions("policy", 1)] == [False, False, True]
 
 
 def test_rollback_to_an_unknown_version_names_the_known_ones(store):
-    store.publish_version("reward", 1, "/r1", 3, {})
-    with pytest.raises(ValueError, match=r"no reward version 7: known versions are \[1\]"):
-        store.rollback("reward", 7)
+    store.publish_version("reward", 1, 1, "/r1", 3, {})
+    with pytest.raises(ValueError, match=r"project 1 has no reward version 7: its versions are \[1\]"):
+        store.rollback("reward", 1, 7)
 
 
 def test_a_database_of_the_first_schema_is_migrated_in_place(store_url):
@@ -233,7 +239,12 @@ def test_a_database_of_the_first_schema_is_migrated_in_place(store_url):
         connection.exec_driver_sql("INSERT INTO model_versions (kind, version, path, pairs_seen, metrics, created_at) "
                                    "VALUES ('policy', 0, '/base', 0, '{}', '2026-01-01')")
     Store(url).create_schema()
-    assert Store(url).latest_version("policy").path == "/base"
+    upgraded = Store(url)
+    # versions from before projects had their own loops are every project's common ancestry
+    assert upgraded.latest_version("policy", 1).path == "/base" and upgraded.latest_version("policy", 2).path == "/base"
+    assert upgraded.next_version("policy", 1) == 1
+    upgraded.publish_version("policy", 1, 1, "/mine", 0, {})
+    assert upgraded.latest_version("policy", 1).path == "/mine" and upgraded.latest_version("policy", 2).path == "/base"
 
 
 def test_pair_orders_name_candidates_by_id_or_else_by_text_for_agreement(store):
@@ -260,7 +271,7 @@ def test_a_deleted_task_takes_its_pairs_out_of_training_and_a_late_save_stays_ou
     store.save_task(1, 2, {"prompt": "p"})
     store.save_task(1, 3, {"prompt": "q"})
     store.apply_annotation_event(_saved(10, "2026-01-01T00:00:00Z", 2))  # on task 2
-    assert store.delete_tasks([2, 99]) == 1
+    assert store.delete_tasks([2, 99]) == {1: [2]}
     assert store.pair_count() == 0 and store.task_ids(1) == {3}
     assert not store.apply_annotation_event(_saved(10, "2026-02-01T00:00:00Z"))  # tombstoned, not revived
     assert store.pair_count() == 0

@@ -36,10 +36,10 @@ def test_a_worker_killed_mid_update_is_restarted_and_its_job_retried(tiny_env):
         # two lanes: a fast worker (candidates, reward updates) and a train worker (policy updates)
         assert wait_for(lambda: requests.get(f"{backend.url}/health", timeout=5).json()["training_workers"]["alive"]
                         == 2, 60, "two live training workers")
-        job_id = store.enqueue("train_policy", None)
+        job_id = store.enqueue("train_policy", 1)
         wait_for(lambda: any(e["kind"] == "ppo_step" for e in store.events(limit=20)), 120, "the update's first step")
         # the fast lane does not wait behind the update
-        refit = store.enqueue("fit_reward", None)
+        refit = store.enqueue("fit_reward", 1)
         wait_for(lambda: store.job_state(refit) == "done", 30, "a reward update during the policy update")
         assert store.job_state(job_id) == "running"
         [first] = wait_for(lambda: worker_pids(store, job_id), 15, "the train lane's beat naming its job")
@@ -61,7 +61,7 @@ def test_a_worker_killed_mid_update_is_restarted_and_its_job_retried(tiny_env):
 
             assert s.get(JobRow, job_id).attempts == 2
         # no version without its complete directory; the killed run's staging directory was never published
-        for version in store.versions("policy"):
+        for version in store.versions("policy", 1):
             assert (Path(version.path) / "config.json").exists(), version
         health = requests.get(f"{backend.url}/health", timeout=5).json()
         assert health["status"] == "UP" and health["training_workers"]["alive"] == 2

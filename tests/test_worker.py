@@ -46,7 +46,7 @@ def job(kind: str) -> Job:
 def test_the_prompts_split_into_training_and_held_out_by_prompt(tiny_env):
     worker = make_worker(tiny_env)
     seed_project(worker.store)
-    train, held_out = split_held_out(list(worker.project_prompts()))
+    train, held_out = split_held_out(list(worker.project_prompts(1)))
     assert set(train) | set(held_out) == set(PROMPTS) and not set(train) & set(held_out)
     assert held_out and all(is_held_out(p) for p in held_out)
 
@@ -55,7 +55,7 @@ def test_ppo_is_queued_once_enough_new_pairs_arrived(tiny_env):
     worker = make_worker(tiny_env, ppo_trigger_pairs=12)
     seed_project(worker.store, annotated=11)
     worker.queue_policy_update_if_due(1)
-    assert not worker.store.has_active_job("train_policy")
+    assert not worker.store.has_active_job("train_policy", 1)
     seed_project(worker.store, annotated=12)
     worker.queue_policy_update_if_due(1)
     worker.queue_policy_update_if_due(1)
@@ -65,18 +65,18 @@ def test_ppo_is_queued_once_enough_new_pairs_arrived(tiny_env):
 def test_ppo_waits_while_the_reward_model_is_worse_than_the_accuracy_floor(tiny_env):
     worker = make_worker(tiny_env, ppo_trigger_pairs=1, ppo_min_rm_accuracy=0.9)
     seed_project(worker.store)
-    worker.store.publish_version("reward", 1, "/rm", 12, {"held_out_accuracy": 0.6})
+    worker.store.publish_version("reward", 1, 1, "/rm", 12, {"held_out_accuracy": 0.6})
     worker.queue_policy_update_if_due(1)
-    assert not worker.store.has_active_job("train_policy")
+    assert not worker.store.has_active_job("train_policy", 1)
     assert "PPO_MIN_RM_ACCURACY" in worker.store.events()[-1]["message"]
 
 
 def test_pairs_before_the_last_policy_do_not_count_towards_the_next(tiny_env):
     worker = make_worker(tiny_env, ppo_trigger_pairs=5)
     seed_project(worker.store, annotated=12)
-    worker.store.publish_version("policy", 0, "/base", 12, {"last_pair_id": worker.store.max_pair_id()})
+    worker.store.publish_version("policy", 1, 0, "/base", 12, {"last_pair_id": worker.store.max_pair_id(1)})
     worker.queue_policy_update_if_due(1)
-    assert not worker.store.has_active_job("train_policy")
+    assert not worker.store.has_active_job("train_policy", 1)
 
 
 @pytest.mark.parametrize("comparison,reason", [
@@ -93,11 +93,11 @@ def test_a_policy_past_the_guard_rails_is_not_published(tiny_env, monkeypatch, c
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
-    assert [v.version for v in worker.store.versions("policy")] == [0]
+    assert [v.version for v in worker.store.versions("policy", 1)] == [0]
     rejected = [e for e in worker.store.events() if e["kind"] == "policy_rejected"]
     assert rejected and reason in rejected[0]["message"]
-    assert not list(Path(tiny_env["MODEL_DIR"], "policy").glob("v0001"))  # nothing half-written either
-    assert not worker.store.has_active_job("regenerate")
+    assert not list(Path(tiny_env["MODEL_DIR"], "projects", "1", "policy").glob("v0001"))  # nothing half-written either
+    assert not worker.store.has_active_job("regenerate", 1)
 
 
 def test_a_held_out_reward_gain_beyond_its_noise_publishes_the_policy(tiny_env, monkeypatch):
@@ -108,7 +108,7 @@ def test_a_held_out_reward_gain_beyond_its_noise_publishes_the_policy(tiny_env, 
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
-    latest = worker.store.latest_version("policy")
+    latest = worker.store.latest_version("policy", 1)
     assert latest.version == 1 and latest.metrics["reward_se"] == 0.5
     assert "(+-0.5000)" in latest.metrics["guard"]
 
@@ -122,13 +122,13 @@ def test_a_refused_policy_update_waits_for_new_pairs_before_it_is_queued_again(t
     claimed = worker.store.claim_job("w")
     worker.train_policy(claimed)
     worker.store.finish_job(claimed.id)
-    assert worker.store.last_event_data("policy_rejected")["last_pair_id"] == worker.store.max_pair_id()
+    assert worker.store.last_event_data("policy_rejected", 1)["last_pair_id"] == worker.store.max_pair_id(1)
     seed_project(worker.store, annotated=13)  # the next annotation: one new pair, below the trigger
     worker.queue_policy_update_if_due(1)
-    assert not worker.store.has_active_job("train_policy")
+    assert not worker.store.has_active_job("train_policy", 1)
     seed_project(worker.store, annotated=18)  # six new pairs since the refused run
     worker.queue_policy_update_if_due(1)
-    assert worker.store.has_active_job("train_policy")
+    assert worker.store.has_active_job("train_policy", 1)
 
 
 def test_too_few_held_out_prompts_to_show_a_gain_refuses_before_training(tiny_env):
@@ -138,7 +138,7 @@ def test_too_few_held_out_prompts_to_show_a_gain_refuses_before_training(tiny_en
     for task_id, prompt in enumerate(train_only, start=1):
         worker.store.save_task(1, task_id, {"prompt": prompt, "answers": [{"id": "c0", "body": "x"}]}, policy_version=0)
     worker.train_policy(job("train_policy"))
-    assert [v.version for v in worker.store.versions("policy")] == [0]
+    assert [v.version for v in worker.store.versions("policy", 1)] == [0]
     assert "import more prompts" in worker.store.events()[-1]["message"]
 
 
@@ -148,10 +148,10 @@ def test_a_run_whose_only_update_was_undone_publishes_nothing(tiny_env):
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
-    assert [v.version for v in worker.store.versions("policy")] == [0]
+    assert [v.version for v in worker.store.versions("policy", 1)] == [0]
     rejected = [e for e in worker.store.events() if e["kind"] == "policy_rejected"]
     assert rejected and "was undone" in rejected[0]["message"]
-    assert not worker.store.has_active_job("regenerate")
+    assert not worker.store.has_active_job("regenerate", 1)
 
 
 def test_a_policy_within_the_guard_rails_is_published_and_candidates_regenerated(tiny_env):
@@ -159,11 +159,31 @@ def test_a_policy_within_the_guard_rails_is_published_and_candidates_regenerated
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
-    latest = worker.store.latest_version("policy")
+    latest = worker.store.latest_version("policy", 1)
     assert latest.version == 1 and Path(latest.path, "config.json").exists()
-    assert latest.metrics["last_pair_id"] == worker.store.max_pair_id()
+    assert latest.metrics["last_pair_id"] == worker.store.max_pair_id(1)
     assert "kl" in latest.metrics and "reward_new" in latest.metrics and "nll_rise" in latest.metrics
     assert worker.store.claim_job("t").kind == "regenerate"
+
+
+def test_a_policy_update_trains_and_publishes_only_its_own_project(tiny_env, monkeypatch):
+    worker = make_worker(tiny_env)
+    seed_project(worker.store)
+    worker.store.save_project(2, RANKER)
+    worker.store.save_task(2, 100, {"prompt": "Only in project two", "answers": [{"id": "c0", "body": "x"}]},
+                           policy_version=0)
+    trained_on = []
+    real_improve = __import__("backend.worker", fromlist=["improve_policy"]).improve_policy
+    monkeypatch.setattr("backend.worker.improve_policy",
+                        lambda algorithm, model, tokenizer, prompts, *a, **k: trained_on.extend(prompts)
+                        or real_improve(algorithm, model, tokenizer, prompts, *a, **k))
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    assert trained_on and "Only in project two" not in trained_on
+    assert worker.store.latest_version("policy", 1).version == 1
+    assert worker.store.latest_version("reward", 2) is None and worker.registry.model_version(2) == "policy-v0.reward-v0"
+    assert Path(worker.store.latest_version("policy", 1).path).is_relative_to(Path(tiny_env["MODEL_DIR"], "projects", "1"))
+    assert [j["project"] for j in worker.store.jobs() if j["kind"] == "regenerate"] == [1]
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
@@ -172,7 +192,7 @@ def test_trl_algorithms_run_behind_the_same_job(tiny_env, algorithm):
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
-    assert worker.store.latest_version("policy").metrics["algorithm"] == algorithm
+    assert worker.store.latest_version("policy", 1).metrics["algorithm"] == algorithm
 
 
 def test_dpo_trains_on_the_stored_pairs_of_training_prompts_only(tiny_env, monkeypatch):
@@ -197,7 +217,7 @@ def test_dpo_publishes_a_policy_through_the_worker_on_tiny_models(tiny_env):
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
-    latest = worker.store.latest_version("policy")
+    latest = worker.store.latest_version("policy", 1)
     assert latest.version == 1 and latest.metrics["algorithm"] == "dpo" and latest.metrics["steps"] >= 1
 
 
@@ -207,12 +227,12 @@ def test_ppo_trains_on_a_full_refit_of_a_reward_model_updated_incrementally(tiny
     worker.fit_reward(job("fit_reward"))  # the first fit is a full refit
     seed_project(worker.store, annotated=20)
     worker.fit_reward(job("fit_reward"))  # 8 new pairs: an incremental update
-    incremental = worker.store.latest_version("reward")
+    incremental = worker.store.latest_version("reward", 1)
     assert incremental.metrics["updates_since_full_refit"] == 1
     worker.train_policy(job("train_policy"))
-    refitted = worker.store.latest_version("reward")
+    refitted = worker.store.latest_version("reward", 1)
     assert refitted.version == incremental.version + 1 and refitted.metrics["full_refit"] is True
-    assert worker.store.latest_version("policy").metrics["reward_version"] == refitted.version
+    assert worker.store.latest_version("policy", 1).metrics["reward_version"] == refitted.version
 
 
 def test_ppo_right_after_a_full_refit_fits_no_new_reward_version(tiny_env):
@@ -220,7 +240,7 @@ def test_ppo_right_after_a_full_refit_fits_no_new_reward_version(tiny_env):
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
     worker.train_policy(job("train_policy"))
-    assert [v.version for v in worker.store.versions("reward")] == [1]
+    assert [v.version for v in worker.store.versions("reward", 1)] == [1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
@@ -252,7 +272,7 @@ def test_a_job_of_a_project_deleted_in_label_studio_stops_it_and_its_queued_jobs
     queued = worker.store.enqueue("regenerate", 1)
     worker.run(Job(id=0, kind="sync", project_id=1, payload={}))  # no exception: the worker goes on
     assert worker.store.project_deleted(1) and worker.store.job_state(queued) == "failed"
-    assert worker.store.last_event_data("project_deleted")["project"] == 1
+    assert worker.store.last_event_data("project_deleted", 1)["project"] == 1
     assert worker.store.pair_count(project_id=1) == 12  # kept for export
 
 

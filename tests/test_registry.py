@@ -1,0 +1,40 @@
+"""The model registry on tiny models: each project's newest versions, loaded once, shared by path, bounded."""
+
+from __future__ import annotations
+
+from backend.registry import ModelRegistry
+from backend.settings import load_settings
+from backend.store import Store
+
+
+def make_registry(tiny_env: dict, **overrides) -> ModelRegistry:
+    settings = load_settings({**tiny_env, **{k.upper(): str(v) for k, v in overrides.items()}})
+    store = Store(settings.store_url)
+    store.create_schema()
+    return ModelRegistry(settings, store)
+
+
+def test_projects_on_the_base_policy_share_one_loaded_copy(tiny_env):
+    registry = make_registry(tiny_env)
+    first, second = registry.policy(1), registry.policy(2)
+    assert first.version == second.version == 0 and first.model is second.model
+    assert [v.project_id for v in registry.store.versions("policy", 1)] == [1]  # each project its own v0 row
+
+
+def test_a_projects_new_policy_is_loaded_for_it_alone_and_loads_stay_bounded(tiny_env, tmp_path):
+    registry = make_registry(tiny_env, max_loaded_policies=1)
+    base = registry.policy(1)
+    base.model.save_pretrained(tmp_path / "p1")
+    base.tokenizer.save_pretrained(tmp_path / "p1")
+    registry.store.publish_version("policy", 1, 1, str(tmp_path / "p1"), pairs_seen=0, metrics={})
+    mine = registry.policy(1)
+    assert mine.version == 1 and mine.model is not base.model
+    assert registry.policy(2).version == 0
+    # one policy fits: project 2's base evicted project 1's copy, which is loaded again when asked for
+    assert registry.policy(1).model is not mine.model
+
+
+def test_model_version_names_each_projects_own_versions(tiny_env):
+    registry = make_registry(tiny_env)
+    registry.store.publish_version("reward", 7, 1, "/r1", pairs_seen=3, metrics={})
+    assert registry.model_version(7) == "policy-v0.reward-v1" and registry.model_version(8) == "policy-v0.reward-v0"
