@@ -4,7 +4,7 @@ VENV := .venv
 LS_VENV := .venv-labelstudio
 PY := $(VENV)/bin/python
 
-.PHONY: install postgres test test-fast demo bench serve clean
+.PHONY: install postgres browser test test-fast demo bench serve clean
 
 install: $(VENV)/.installed $(LS_VENV)/.installed
 
@@ -31,7 +31,12 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
-test: install postgres
+# The status page's test drives Debian's headless Chromium through its ChromeDriver (no browser download).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+test: install postgres browser
 	$(PY) -m pytest -q
 
 test-fast: install

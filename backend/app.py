@@ -1,6 +1,7 @@
 """The web layer: Label Studio's ML-backend HTTP contract in, calls into the loop's stages out.
 
-Routes: GET /health, POST /setup, POST /predict, POST /webhook, POST /train, GET /metrics, GET /status.
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, POST /train, GET /metrics, GET /status,
+GET / (the status page, its assets under /static) and GET /api/status (its data).
 Every route that concerns one project's loop takes the Label Studio project it was sent for.
 Each route parses the request, calls one function and returns JSON; bad input gets a 4xx with
 a one-line reason. Slow work never runs here: webhooks queue jobs for the worker.
@@ -24,6 +25,7 @@ from backend.labelconfig import LabelConfigError, parse_ranking_schema
 from backend.predictions import rank_prediction
 from backend.registry import ModelRegistry
 from backend.settings import Settings
+from backend.status import loop_status
 from backend.store import WORKER_ALIVE_SECONDS, Store
 from backend.webhooks import PayloadError, handle_webhook, on_train
 
@@ -132,6 +134,16 @@ def create_app(settings: Settings) -> Flask:
             reward_versions=[vars(v) for v in store.versions("reward", project_id)],
             events=store.events(after_id=after, project_id=project_id),
         )
+
+    @app.get("/")
+    def status_page():
+        return app.send_static_file("index.html")
+
+    @app.get("/api/status")
+    def api_status():
+        project = request.args.get("project")
+        return jsonify(loop_status(store, registry, None if project in (None, "") else parse_project_id(project))
+                       .model_dump())
 
     @app.errorhandler(PayloadError)
     def bad_payload(exc: PayloadError):

@@ -112,6 +112,7 @@ class _StepRecorder(TrainerCallback):
         now, step = time.perf_counter(), state.global_step
         extra = {k: float(v) for k, v in logs.items()
                  if isinstance(v, int | float) and k not in ("rewards/margins", "epoch", "step")}
+        extra["max_steps"] = state.max_steps
         s = StepStats(step=step, reward_mean=float(logs["rewards/margins"]), kl=None, entropy=None,
                       seconds=now - self.last, eta_seconds=(now - self.started) / step * (state.max_steps - step),
                       extra=extra)

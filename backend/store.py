@@ -356,6 +356,14 @@ class Store:
             rows = s.execute(select(TaskRow.id, TaskRow.policy_version).where(TaskRow.project_id == project_id))
             return {task_id: version for task_id, version in rows}
 
+    def task_data_of_version(self, project_id: int, policy_version: int, limit: int) -> list[dict]:
+        """Data of up to `limit` of the project's tasks whose candidates policy `policy_version` wrote."""
+        with self.session() as s:
+            query = (select(TaskRow.data).where(TaskRow.project_id == project_id,
+                                                TaskRow.policy_version == policy_version)
+                     .order_by(TaskRow.id.desc()).limit(limit))
+            return [dict(d) for d in s.scalars(query)]
+
     def project_task_data(self, project_id: int | None = None) -> list[dict]:
         with self.session() as s:
             query = select(TaskRow.data).order_by(TaskRow.id)
@@ -420,6 +428,13 @@ class Store:
             if project_id is not None:
                 query = query.where(PairRow.project_id == project_id)
             return s.scalar(query) or 0
+
+    def pair_times(self, project_id: int) -> list[tuple[datetime, int]]:
+        """(stored at, annotation id) of each of the project's pairs, oldest first: its signal over time."""
+        with self.session() as s:
+            rows = s.execute(select(PairRow.created_at, PairRow.annotation_id).where(PairRow.project_id == project_id)
+                             .order_by(PairRow.id))
+            return [(_aware(stamp), annotation) for stamp, annotation in rows]
 
     def max_pair_id(self, project_id: int) -> int:
         """A watermark: pairs stored later (new annotations or new versions of old ones) have larger ids."""
@@ -588,6 +603,14 @@ class Store:
             return [{"id": r.id, "kind": r.kind, "project": r.project_id, "state": r.state, "error": r.error}
                     for r in rows]
 
+    def active_jobs(self) -> list[dict]:
+        """Queued and running jobs, most urgent first: what each lane has to do."""
+        with self.session() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.state.in_(["queued", "running"]))
+                             .order_by(JobRow.priority, JobRow.id))
+            return [{"id": r.id, "kind": r.kind, "project": r.project_id, "state": r.state, "attempts": r.attempts,
+                     "started_at": _aware(r.started_at).isoformat() if r.started_at else None} for r in rows]
+
     # --- embeddings cache, shared by every process ---
     def get_embeddings(self, keys: list[str]) -> dict[str, bytes]:
         with self.session() as s:
@@ -613,6 +636,15 @@ class Store:
         with self.session() as s:
             return s.scalar(select(EventRow.data).where(EventRow.kind == kind, EventRow.project_id == project_id)
                             .order_by(EventRow.id.desc()).limit(1))
+
+    def events_of(self, project_id: int, kinds: Iterable[str], limit: int) -> list[dict]:
+        """The project's newest `limit` events of `kinds`, oldest first (a policy update's steps, say)."""
+        with self.session() as s:
+            rows = list(s.scalars(select(EventRow).where(EventRow.project_id == project_id,
+                                                         EventRow.kind.in_(list(kinds)))
+                                  .order_by(EventRow.id.desc()).limit(limit)))[::-1]
+            return [{"id": r.id, "kind": r.kind, "message": r.message, "data": r.data,
+                     "at": _aware(r.created_at).isoformat()} for r in rows]
 
     def events(self, after_id: int = 0, limit: int = 100, project_id: int | None = None) -> list[dict]:
         """The `limit` events after `after_id`, oldest first; with no cursor, the newest `limit`.

@@ -262,13 +262,14 @@ class Worker:
         model.to(training_device(settings.train_device))
         self.store.log_event("ppo", f"{settings.rl_algorithm} started from policy v{serving.version} with reward "
                              f"v{reward.version} on {len(train_prompts)} prompts ({len(held_out)} held out)",
-                             project=project_id)
+                             project=project_id, algorithm=settings.rl_algorithm, from_version=serving.version,
+                             reward_version=reward.version, planned_steps=planned_steps(settings))
 
         def on_step(stats: StepStats) -> None:
             kl = "n/a" if stats.kl is None else f"{stats.kl:.3f}"
             self.store.log_event("ppo_step", f"{settings.rl_algorithm} step {stats.step}: reward "
                                  f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", project=project_id,
-                                 **asdict(stats))
+                                 planned_steps=planned_steps(settings), **asdict(stats))
 
         # train: the reward in units of the candidates annotators saw (centred per prompt, unit spread)
         reward_fn = normalised_to_candidates(reward.score, {p: shown[p] for p in train_prompts if shown[p]})
@@ -310,7 +311,7 @@ class Worker:
         self.store.publish_version("policy", project_id, version, str(directory),
                                    pairs_seen=self.store.pair_count(project_id), metrics=metrics)
         self.store.log_event("policy", f"policy v{version} published after {len(stats)} steps ({metrics['guard']})",
-                             project=project_id, **metrics)
+                             project=project_id, version=version, **metrics)
         self.store.enqueue("regenerate", project_id)
 
     def training_pairs(self, project_id: int, prompts: set[str]) -> tuple[list[str], list[str], list[str]]:
@@ -358,6 +359,12 @@ def ppo_config(settings: Settings) -> PPOConfig:
         stop_kl=settings.ppo_stop_kl, stop_nll_rise=settings.ppo_stop_nll_rise, lora_rank=settings.lora_rank,
         seed=settings.seed,
     )
+
+
+def planned_steps(settings: Settings) -> int | None:
+    """Rollouts an RL update runs unless a stop rule ends it early; DPO's optimiser steps are known once it
+    has read the pairs (its step events carry them as `max_steps`)."""
+    return None if settings.rl_algorithm == "dpo" else settings.ppo_steps
 
 
 def dpo_config(settings: Settings) -> DPOConfig:
@@ -419,7 +426,8 @@ def run_job(worker: Worker, store: Store, job: Job) -> None:
         log.exception("job %d (%s) failed", job.id, job.kind)
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         store.finish_job(job.id, error=reason)
-        store.log_event("job_failed", f"{job.kind} job {job.id} failed: {reason}", job=job.id)
+        store.log_event("job_failed", f"{job.kind} job {job.id} failed: {reason}", project=job.project_id, job=job.id,
+                        kind=job.kind)
         return
     store.finish_job(job.id)
     log.info("job %d (%s) done in %.1fs", job.id, job.kind, time.perf_counter() - started)

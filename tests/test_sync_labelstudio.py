@@ -73,7 +73,7 @@ def test_a_task_deleted_in_label_studio_leaves_training_by_webhook_and_by_sync(t
             ls_client.annotations.create(id=task_id, result=rank("c0", "c1"))
 
         def pairs() -> int:
-            return requests.get(f"{backend.url}/status", timeout=5).json()["pairs"]
+            return requests.get(f"{backend.url}/status", params={"project": project.id}, timeout=5).json()["pairs"]
 
         deadline = time.monotonic() + 30
         while pairs() < 3 and time.monotonic() < deadline:
