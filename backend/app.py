@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import asdict
 
-from flask import Flask, Response, jsonify, request
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from werkzeug.exceptions import HTTPException
 
 from backend import __version__
@@ -26,12 +27,14 @@ from backend.predictions import rank_prediction
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.status import loop_status
-from backend.store import WORKER_ALIVE_SECONDS, Store
+from backend.store import LANES, WORKER_ALIVE_SECONDS, Store
 from backend.webhooks import PayloadError, handle_webhook, on_train
 
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "RLHFRanker"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+JOB_DURATION_BUCKETS = (0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200)
 
 
 def create_app(settings: Settings) -> Flask:
@@ -44,8 +47,21 @@ def create_app(settings: Settings) -> Flask:
 
     metrics = CollectorRegistry()
     metrics.register(StoreCollector(store, registry))
+    # per web process (each gunicorn worker counts its own requests); everything else is read from the store
+    latency = Histogram("rlhf_http_request_seconds", "Time to answer a request, by route, method and status",
+                        ["route", "method", "status"], registry=metrics, buckets=LATENCY_BUCKETS)
 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024  # larger bodies: 413, unread
+
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def observe_latency(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        latency.labels(route, request.method, str(response.status_code)).observe(time.perf_counter() - g.started)
+        return response
 
     @app.before_request
     def require_basic_auth():
@@ -177,6 +193,16 @@ def event_cursor(value: str | None) -> int:
     return int(value)
 
 
+def job_durations(durations: dict[str, list[float]]) -> HistogramMetricFamily:
+    """Seconds from claim to done of the store's finished jobs, by kind (train_policy: a policy update)."""
+    family = HistogramMetricFamily("rlhf_job_duration_seconds", "Time from claim to done of finished jobs, by kind",
+                                   labels=["kind"])
+    for kind, seconds in sorted(durations.items()):
+        buckets = [(str(edge), sum(s <= edge for s in seconds)) for edge in JOB_DURATION_BUCKETS]
+        family.add_metric([kind], buckets + [("+Inf", len(seconds))], sum_value=sum(seconds))
+    return family
+
+
 def project_summary(store: Store, registry: ModelRegistry, project_id: int) -> dict:
     return {"id": project_id, "model_version": registry.model_version(project_id),
             "pairs": store.pair_count(project_id)}
@@ -218,3 +244,9 @@ class StoreCollector:
         for state, count in self.store.job_counts().items():
             jobs.add_metric([state], count)
         yield jobs
+        depth = GaugeMetricFamily("rlhf_lane_queued_jobs", "Queued jobs waiting for each lane's workers", labels=["lane"])
+        active = self.store.active_jobs()
+        for lane in ("fast", "train"):
+            depth.add_metric([lane], sum(j["state"] == "queued" and j["kind"] in LANES[lane] for j in active))
+        yield depth
+        yield job_durations(self.store.job_durations())

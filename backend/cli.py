@@ -1,4 +1,4 @@
-"""The `rlhf-backend` command: serve, worker, import, demo."""
+"""The `rlhf-backend` command: serve, worker, import, sync, train, export, status, rollbacks, demo."""
 
 from __future__ import annotations
 
@@ -9,11 +9,26 @@ from pathlib import Path
 
 import typer
 
-from backend import configure_logging
+from backend import __version__, configure_logging
 from backend.reward_cli import reward_app
 from backend.settings import SettingsError, load_settings
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="An RLHF loop inside Label Studio.")
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="An RLHF loop inside Label Studio.",
+                  epilog="Settings come from environment variables, read once and validated (README, Settings): "
+                         "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for commands that talk to Label Studio, "
+                         "MODEL_DIR (or DATABASE_URL) for every command that reads the store.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlhf-backend {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit")) -> None:
+    pass
 
 
 def is_loopback(host: str) -> bool:
@@ -189,6 +204,63 @@ def policy_rollback(version: int = typer.Argument(..., help="Policy version to s
     store.log_event("rollback", f"policy rolled back to v{version} ({retired} newer version(s) retired)",
                     project=project)
     typer.echo(f"project {project}: policy v{version} is served again; {retired} newer version(s) retired")
+
+
+@cli.command()
+def status(project: int = typer.Option(None, "--project", help="Label Studio project id (default: the first)"),
+           as_json: bool = typer.Option(False, "--json", help="The JSON of GET /api/status instead of tables")) -> None:
+    """Print a project's loop as the status page shows it, read from the store (MODEL_DIR or DATABASE_URL)."""
+    from backend.registry import ModelRegistry
+    from backend.status import loop_status
+    from backend.store import Store
+
+    settings = _settings()
+    store = Store(settings.store_url)
+    store.create_schema()
+    state = loop_status(store, ModelRegistry(settings, store), project)
+    if as_json:
+        typer.echo(state.model_dump_json(indent=2))
+    else:
+        _print_status(state)
+
+
+def _print_status(state) -> None:
+    """The status page's numbers as tables: projects, reward versions, policy updates, jobs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def table(title: str, columns: list[str], rows: list[list]) -> Table:
+        t = Table(title=title, title_justify="left")
+        for column in columns:
+            t.add_column(column)
+        for row in rows:
+            t.add_row(*("" if v is None else str(v) for v in row))
+        return t
+
+    console = Console()
+    console.print(table("projects", ["project", "model_version", "pairs"],
+                        [[("* " if p.id == state.project else "") + str(p.id), p.model_version, p.pairs]
+                         for p in state.projects]))
+    if state.project is None:
+        console.print("no project connected yet")
+        return
+    console.print(table(f"project {state.project}: reward model versions", ["version", "held-out accuracy", "95% interval",
+                                                                            "held-out pairs", "train pairs"],
+                        [[v.version, _fmt(v.held_out_accuracy), f"{_fmt(v.accuracy_low)}-{_fmt(v.accuracy_high)}",
+                          v.held_out_pairs, v.train_pairs] for v in state.reward_versions]))
+    console.print(table(f"project {state.project}: policy updates", ["started", "algorithm", "steps", "outcome",
+                                                                     "verdict"],
+                        [[u.started_at[:19], u.algorithm, len(u.steps), u.outcome + (f" v{u.version}" if u.version else ""),
+                          u.verdict] for u in state.policy_updates]))
+    console.print(table("jobs", ["lane", "job", "project", "state", "progress", "ETA (s)"],
+                        [[j.lane, f"{j.kind} #{j.id}", j.project, j.state,
+                          None if j.progress is None else f"{j.progress:.0%}",
+                          None if j.eta_seconds is None else round(j.eta_seconds)] for j in state.jobs]))
+    console.print(f"workers alive {state.workers.alive}, busy {state.workers.busy}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @cli.command()

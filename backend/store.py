@@ -603,6 +603,17 @@ class Store:
             return [{"id": r.id, "kind": r.kind, "project": r.project_id, "state": r.state, "error": r.error}
                     for r in rows]
 
+    def job_durations(self, limit: int = 1000) -> dict[str, list[float]]:
+        """Seconds from claim to finish of the newest `limit` done jobs, by kind."""
+        with self.session() as s:
+            rows = s.execute(select(JobRow.kind, JobRow.started_at, JobRow.finished_at)
+                             .where(JobRow.state == "done", JobRow.started_at.is_not(None))
+                             .order_by(JobRow.id.desc()).limit(limit))
+            durations: dict[str, list[float]] = {}
+            for kind, started, finished in rows:
+                durations.setdefault(kind, []).append((_aware(finished) - _aware(started)).total_seconds())
+            return durations
+
     def active_jobs(self) -> list[dict]:
         """Queued and running jobs, most urgent first: what each lane has to do."""
         with self.session() as s:

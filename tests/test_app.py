@@ -283,3 +283,21 @@ def test_two_projects_keep_their_own_pairs_reward_model_and_model_version(app, c
     status = client.get("/status").get_json()
     assert {p["id"]: p["pairs"] for p in status["projects"]} == {1: 3, 2: 0}
     assert client.get("/status", query_string={"project": 2}).get_json()["reward_versions"] == []
+
+
+def test_metrics_parse_as_prometheus_text_with_latency_per_route_lane_depth_and_job_durations(client, store):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))  # queues fit_reward (fast lane)
+    store.enqueue("train_policy", 1)
+    done = store.enqueue("generate", 1, task_ids=[1])
+    store.claim_job("w", {"generate"})
+    store.finish_job(done)
+    client.get("/health")
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))}
+    routes = {s.labels["route"] for s in families["rlhf_http_request_seconds"].samples}
+    assert {"/webhook", "/health"} <= routes
+    depth = {s.labels["lane"]: s.value for s in families["rlhf_lane_queued_jobs"].samples}
+    assert depth == {"fast": 1, "train": 1}
+    counts = [s for s in families["rlhf_job_duration_seconds"].samples if s.name.endswith("_count")]
+    assert [(s.labels["kind"], s.value) for s in counts] == [("generate", 1.0)]

@@ -84,3 +84,20 @@ def test_the_status_page_and_its_api_are_served_and_protected_like_the_api(tiny_
     assert empty.project is None and empty.projects == []
     bad = client.get("/api/status", query_string={"project": "x"}, auth=("ls", "pw"))
     assert bad.status_code == 400 and "project" in bad.get_json()["error"]
+
+
+def test_the_status_command_prints_the_projects_versions_and_updates_from_the_store(tiny_env):
+    from typer.testing import CliRunner
+
+    from backend.cli import cli
+
+    worker = make_worker(tiny_env)
+    seed_project(worker.store, annotated=12)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    result = CliRunner().invoke(cli, ["status", "--project", "1"], env=tiny_env, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "policy-v1.reward-v1" in result.output and "published v1" in result.output
+    as_json = CliRunner().invoke(cli, ["status", "--json"], env=tiny_env)
+    assert LoopStatus.model_validate_json(as_json.output).policy_updates[0].version == 1
+    assert CliRunner().invoke(cli, ["--version"]).output.startswith("rlhf-backend ")
