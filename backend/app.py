@@ -23,12 +23,13 @@ from backend import __version__
 from backend.agreement import annotator_consistency, pairwise_agreement
 from backend.auth import credentials_match, webhook_auth_digest
 from backend.labelconfig import LabelConfigError, parse_ranking_schema
-from backend.predictions import rank_prediction
+from backend.predictions import fields_of_config, rank_prediction
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.status import loop_status
 from backend.store import LANES, WORKER_ALIVE_SECONDS, Store
-from backend.webhooks import PayloadError, handle_webhook, on_train
+from backend.http_schemas import PredictRequest, SetupRequest, openapi_document
+from backend.webhooks import MAX_ID, PayloadError, handle_webhook, on_train, parse
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,9 @@ def create_app(settings: Settings) -> Flask:
 
     @app.post("/setup")
     def setup():
-        body = json_body()
-        project_id = parse_project_id(body.get("project"))
-        schema_xml = body.get("schema")
-        if not isinstance(schema_xml, str):
-            raise PayloadError("'schema' must be the project's label config XML string")
+        body = parse(SetupRequest, json_body())
+        project_id = parse_project_id(body.project)
+        schema_xml = body.schema_
         try:
             parse_ranking_schema(schema_xml)
         except LabelConfigError as exc:
@@ -98,23 +97,31 @@ def create_app(settings: Settings) -> Flask:
 
     @app.post("/predict")
     def predict():
-        body = json_body()
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-            raise PayloadError("'tasks' must be a list of task objects")
-        if len(tasks) > settings.max_predict_tasks:
-            raise PayloadError(f"'tasks' has {len(tasks)} tasks, more than MAX_PREDICT_TASKS "
+        raw = json_body()
+        if isinstance(raw.get("tasks"), list) and len(raw["tasks"]) > settings.max_predict_tasks:  # before parsing them
+            raise PayloadError(f"'tasks' has {len(raw['tasks'])} tasks, more than MAX_PREDICT_TASKS "
                                f"{settings.max_predict_tasks}: ask for fewer at a time, or raise the setting")
-        project_id = parse_project_id(body.get("project"))  # whose reward model orders the candidates
-        config = body.get("label_config") or store.label_config(project_id)
+        body = parse(PredictRequest, raw)
+        tasks = [task.model_dump() for task in body.tasks]
+        project_id = parse_project_id(body.project)  # whose reward model orders the candidates
+        config = body.label_config or store.label_config(project_id)
         if not config:
             raise PayloadError("no 'label_config' in the request and none stored for the project: call /setup first")
         try:
             schema = parse_ranking_schema(config)
         except LabelConfigError as exc:
             raise PayloadError(str(exc)) from None
+        unmatched = [t for t in tasks if not fields_of_config(t, schema)]
+        if tasks and len(unmatched) == len(tasks):
+            raise PayloadError(f"no task has the fields the label config names ('{schema.prompt_field}', "
+                               f"'{schema.candidates_field}'), e.g. task {tasks[0].get('id')} has "
+                               f"{sorted(tasks[0]['data'])[:8]}: import tasks that match the project's config")
         reward, version = registry.reward_model(project_id), registry.model_version(project_id)
         return jsonify(results=[rank_prediction(task, schema, reward, version) for task in tasks])
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_document(auth=settings.basic_auth is not None))
 
     @app.post("/webhook")
     def webhook():
@@ -211,10 +218,14 @@ def project_summary(store: Store, registry: ModelRegistry, project_id: int) -> d
 def parse_project_id(value) -> int:
     """Label Studio sends the project as "<id>.<created timestamp>" to /setup and /predict."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value):
-        return int(value.split(".")[0])
-    raise PayloadError(f"'project' must look like \"12.1700000000\" (id.timestamp), got {value!r}")
+        project_id = value
+    elif isinstance(value, str) and re.fullmatch(r"\d{1,18}(\.\d{1,18})?", value):
+        project_id = int(value.split(".")[0])
+    else:
+        raise PayloadError(f"'project' must look like \"12.1700000000\" (id.timestamp), got {str(value)[:40]!r}")
+    if not 0 <= project_id <= MAX_ID:
+        raise PayloadError(f"'project' {project_id} is not a Label Studio project id (0 to {MAX_ID})")
+    return project_id
 
 
 class StoreCollector:

@@ -7,11 +7,14 @@ version that wrote it, so later stages can tell which policy an annotator judged
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     return prompt + "\n"
 
 
+def prompt_room(model: PreTrainedModel, max_new_tokens: int) -> int | None:
+    """Tokens a prompt may take: the policy's context less the tokens it will write (None: unbounded)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return max(1, context - max_new_tokens) if context else None
+
+
 @torch.no_grad()
 def sample_completions(
     model: PreTrainedModel,
@@ -53,7 +62,12 @@ def sample_completions(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         texts = [render_prompt(tokenizer, p) for p in chunk]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        room = prompt_room(model, max_new_tokens)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                        truncation=room is not None, max_length=room).to(model.device)
+        if room is not None and enc["input_ids"].shape[1] >= room:
+            log.warning("a prompt longer than the policy's context less MAX_NEW_TOKENS (%d tokens) was cut to "
+                        "its last %d tokens", room, room)
         out = model.generate(
             **enc,
             do_sample=True,

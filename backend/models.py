@@ -96,6 +96,7 @@ def load_policy_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """A causal LM's tokenizer, padded on the left for batched generation (eos pads if it has no pad token)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # a prompt cut to the context keeps its end: the question and the chat tag
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -175,7 +175,7 @@ def policy_updates(events: list[dict]) -> list[PolicyUpdate]:
     open_update: dict | None = None
     for event in events:
         kind, data = event["kind"], event["data"] or {}
-        if kind == "job_failed" and data.get("kind") != "train_policy":
+        if kind == "job_failed" and data.get("job_kind") != "train_policy":
             continue  # another job of the project failed
         if kind == "ppo" or (open_update is None and kind == "ppo_step"):
             open_update = _new_update(event)

@@ -634,7 +634,7 @@ class Store:
             s.add_all(EmbeddingRow(key=k, vector=v) for k, v in vectors.items() if k not in existing)
 
     # --- events ---
-    def log_event(self, kind: str, message: str, project: int | None = None, **data) -> None:
+    def log_event(self, kind: str, message: str, /, project: int | None = None, **data) -> None:
         """An event of one project's loop (`project`), or of the whole backend (None)."""
         if project is not None:
             data["project"] = project

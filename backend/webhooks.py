@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from backend import ledger
 from backend.labelconfig import LabelConfigError, RankingSchema, parse_ranking_schema
@@ -18,6 +20,11 @@ from backend.preferences import AnnotationError
 from backend.store import Store
 
 log = logging.getLogger(__name__)
+
+
+# Label Studio's ids are positive 32-bit integers (PostgreSQL's `integer`); a larger one is not an id
+MAX_ID = 2**31 - 1
+LabelStudioId = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
 
 
 class PayloadError(ValueError):
@@ -29,12 +36,12 @@ class _Record(BaseModel):
 
 
 class ProjectRef(_Record):
-    id: StrictInt
+    id: LabelStudioId
     label_config: str | None = None
 
 
 class TaskRecord(_Record):
-    id: StrictInt
+    id: LabelStudioId
     data: dict
 
 
@@ -45,10 +52,10 @@ class ResultItem(_Record):
 
 
 class AnnotationRecord(_Record):
-    id: StrictInt
+    id: LabelStudioId
     result: list[ResultItem] = []
     was_cancelled: bool = False
-    completed_by: StrictInt | dict | None = None  # a user id; some Label Studio versions send the user object
+    completed_by: LabelStudioId | dict | None = None  # a user id; some Label Studio versions send the user object
 
     @property
     def annotator(self) -> int | None:
@@ -58,7 +65,7 @@ class AnnotationRecord(_Record):
 
 
 class IdRef(_Record):
-    id: StrictInt
+    id: LabelStudioId
 
 
 class TasksCreated(BaseModel):
@@ -188,7 +195,7 @@ def on_start_training(store: Store, payload: dict) -> dict:
 
 
 class ExportedTask(_Record):
-    id: StrictInt
+    id: LabelStudioId
     data: dict
     annotations: list[dict] = []
 
@@ -196,6 +203,7 @@ class ExportedTask(_Record):
 class TrainRequest(BaseModel):
     """`POST /train`: what Label Studio 1.23 sends instead of START_TRAINING while its webhook flag is off."""
     annotations: list[ExportedTask]  # every annotated task, as exported, with its annotations
+    project: str | int  # "<id>.<created timestamp>", as to /setup (read by the web layer)
     label_config: str | None = None
 
 

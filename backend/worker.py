@@ -286,6 +286,9 @@ class Worker:
                                  "undone", project=project_id, **metrics)
             return
         # guard rails: held-out prompts the update never saw judge whether the new policy may serve
+        self.store.log_event("evaluation", f"judging the update on {len(held_out)} held-out prompts x "
+                             f"{HELD_OUT_SAMPLES} answers from each policy (the longest quiet stretch of an update)",
+                             project=project_id, held_out_prompts=len(held_out), samples=HELD_OUT_SAMPLES)
         comparison = compare_on_held_out(trained, model, tokenizer, held_out, reward.score,
                                          samples=HELD_OUT_SAMPLES, max_new_tokens=settings.max_new_tokens,
                                          seed=settings.seed)
@@ -427,7 +430,7 @@ def run_job(worker: Worker, store: Store, job: Job) -> None:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         store.finish_job(job.id, error=reason)
         store.log_event("job_failed", f"{job.kind} job {job.id} failed: {reason}", project=job.project_id, job=job.id,
-                        kind=job.kind)
+                        job_kind=job.kind)
         return
     store.finish_job(job.id)
     log.info("job %d (%s) done in %.1fs", job.id, job.kind, time.perf_counter() - started)

@@ -301,3 +301,27 @@ def test_metrics_parse_as_prometheus_text_with_latency_per_route_lane_depth_and_
     assert depth == {"fast": 1, "train": 1}
     counts = [s for s in families["rlhf_job_duration_seconds"].samples if s.name.endswith("_count")]
     assert [(s.labels["kind"], s.value) for s in counts] == [("generate", 1.0)]
+
+
+def test_a_task_without_candidates_gets_an_empty_prediction_with_its_reason(client):
+    body = copy.deepcopy(payload("predict_on_task_open_ranker"))
+    body["tasks"][0]["data"]["answers"] = []
+    [prediction] = client.post("/predict", json=body).get_json()["results"]
+    assert prediction["result"] == [] and "no candidates" in prediction["reason"]
+
+
+def test_tasks_that_match_nothing_in_the_config_get_a_400_naming_the_fields(client):
+    body = copy.deepcopy(payload("predict_on_task_open_ranker"))
+    body["tasks"][0]["data"] = {"text": "hello"}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400 and "'prompt'" in response.get_json()["error"]
+    assert "['text']" in response.get_json()["error"]
+
+
+def test_a_prompt_of_megabytes_is_scored_on_its_start_with_a_warning(client, caplog):
+    body = copy.deepcopy(payload("predict_on_task_open_ranker"))
+    body["tasks"][0]["data"]["prompt"] = "why " * 750_000  # 3 MB
+    with caplog.at_level("WARNING", logger="backend.predictions"):
+        response = client.post("/predict", json=body)
+    assert response.status_code == 200 and response.get_json()["results"][0]["result"]
+    assert "scored on its first 8000" in caplog.text

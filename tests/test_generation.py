@@ -26,3 +26,12 @@ def test_instruct_prompts_are_rendered_with_the_chat_template(tiny_policy):
     _, tokenizer = load_causal_lm(str(tiny_policy))
     text = render_prompt(tokenizer, "Hello?")
     assert text.startswith("<|im_start|>user\nHello?") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_a_prompt_longer_than_the_context_is_cut_to_its_end_with_a_warning(tiny_policy, caplog):
+    model, tokenizer = load_causal_lm(str(tiny_policy))  # a context of 512 positions
+    long_prompt = "word " * 3000 + "What is the last question?"
+    with caplog.at_level("WARNING", logger="backend.generation"):
+        [candidates] = generate_candidates(model, tokenizer, [long_prompt], num_candidates=2, max_new_tokens=6,
+                                           policy_version=0)
+    assert len(candidates) == 2 and "was cut to its last 506 tokens" in caplog.text

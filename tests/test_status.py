@@ -40,12 +40,12 @@ def test_update_events_become_updates_with_their_outcome_in_words():
         event("policy_rejected", "no policy update: 1 of 5 prompts are held out"),  # refused before training
         event("ppo", algorithm="ppo", from_version=0, planned_steps=4),
         event("ppo_step", step=1, reward_mean=0.2, kl=0.1, seconds=3.0, extra={"nll_rise": 0.05}),
-        event("job_failed", "generate job 9 failed: boom", kind="generate"),  # not the update's
+        event("job_failed", "generate job 9 failed: boom", job_kind="generate"),  # not the update's
         event("ppo_step", step=2, reward_mean=0.4, kl=0.3, seconds=3.0, extra={}),
         event("policy", guard="held-out reward +0.3 (+-0.1)", version=1, algorithm="ppo", reward_new=1.3,
               reward_old=1.0, reward_se=0.1),
         event("ppo", algorithm="dpo", from_version=1),
-        event("job_failed", "train_policy job 12 failed: MemoryError", kind="train_policy"),
+        event("job_failed", "train_policy job 12 failed: MemoryError", job_kind="train_policy"),
         event("ppo", algorithm="ppo", from_version=1, planned_steps=4),
         event("ppo_step", step=1, reward_mean=0.1, kl=0.0, seconds=3.0),
     ])

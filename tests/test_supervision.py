@@ -68,3 +68,4 @@ def test_a_worker_killed_mid_update_is_restarted_and_its_job_retried(tiny_env):
         assert "rlhf_training_workers_alive 2.0" in requests.get(f"{backend.url}/metrics", timeout=5).text
     finally:
         backend.stop()
+        print(backend.log.read_text()[-6000:])  # shown when the test fails
