@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,12 +58,28 @@ def resolve_policy(name: str, model_dir: Path) -> str:
     return str(target)
 
 
+# A staging directory this old belongs to a writer that was killed (SIGKILL, OOM): a live one renames
+# its staging directory within seconds, and a job whose worker stopped beating for a minute is retried.
+ABANDONED_STAGING_SECONDS = 600.0
+
+
+def remove_abandoned_staging(parent: Path, older_than: float = ABANDONED_STAGING_SECONDS) -> list[Path]:
+    """Remove the staging directories (`.v0003-xxxx`) killed writers left under `parent`; returns them."""
+    cutoff = time.time() - older_than
+    removed = [p for p in parent.glob(".*-*") if p.is_dir() and p.stat().st_mtime < cutoff]
+    for path in removed:
+        log.info("removing %s, a staging directory abandoned by a killed writer", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 @contextmanager
 def atomic_directory(directory: Path) -> Iterator[Path]:
     """Write into the yielded staging directory; on success it replaces `directory` in one rename,
     so a crash mid-write never leaves a half-written version."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(directory.parent)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
         yield staging

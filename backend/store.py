@@ -245,6 +245,8 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _begin)
         self._sessions = sessionmaker(self.engine.execution_options(immediate=True), expire_on_commit=False)
+        # reads begin deferred: in WAL mode they read a snapshot beside the writer, never taking its lock
+        self._reads = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
         """Bring the database to the newest schema with Alembic; safe to call from several processes at once."""
@@ -264,11 +266,23 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        """A writing transaction: on SQLite it takes the write lock when it begins (BEGIN IMMEDIATE)."""
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction: one consistent snapshot, without the write lock."""
+        with self._reads.begin() as session:
             yield session
 
     # --- projects and tasks ---
     def save_project(self, project_id: int, label_config: str) -> None:
+        """Every webhook carries the config: only a new project or a changed config is written."""
+        with self.reading() as s:
+            row = s.get(ProjectRow, project_id)
+            if row is not None and (not label_config or row.label_config == label_config):
+                return
         with self.session() as s:
             row = s.get(ProjectRow, project_id)
             if row is None:
@@ -277,7 +291,7 @@ class Store:
                 row.label_config = label_config
 
     def label_config(self, project_id: int) -> str | None:
-        with self.session() as s:
+        with self.reading() as s:
             row = s.get(ProjectRow, project_id)
             return row.label_config if row and row.label_config else None
 
@@ -308,12 +322,12 @@ class Store:
             return deleted
 
     def task_ids(self, project_id: int) -> set[int]:
-        with self.session() as s:
+        with self.reading() as s:
             return set(s.scalars(select(TaskRow.id).where(TaskRow.project_id == project_id)))
 
     def project_ids(self) -> list[int]:
         """Projects that still exist in Label Studio, as far as the loop knows."""
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(select(ProjectRow.id).where(ProjectRow.deleted_at.is_(None)).order_by(ProjectRow.id)))
 
     def delete_project(self, project_id: int) -> int:
@@ -331,7 +345,7 @@ class Store:
             return stopped.rowcount or 0
 
     def webhook_auth(self, project_id: int) -> str | None:
-        with self.session() as s:
+        with self.reading() as s:
             row = s.get(ProjectRow, project_id)
             return row.webhook_auth if row else None
 
@@ -342,30 +356,30 @@ class Store:
                 row.webhook_auth = digest
 
     def project_deleted(self, project_id: int) -> bool:
-        with self.session() as s:
+        with self.reading() as s:
             row = s.get(ProjectRow, project_id)
             return row is not None and row.deleted_at is not None
 
     def tasks(self, task_ids: Iterable[int]) -> dict[int, dict]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(TaskRow).where(TaskRow.id.in_(list(task_ids))))
             return {r.id: dict(r.data) for r in rows}
 
     def task_policy_versions(self, project_id: int) -> dict[int, int | None]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(select(TaskRow.id, TaskRow.policy_version).where(TaskRow.project_id == project_id))
             return {task_id: version for task_id, version in rows}
 
     def task_data_of_version(self, project_id: int, policy_version: int, limit: int) -> list[dict]:
         """Data of up to `limit` of the project's tasks whose candidates policy `policy_version` wrote."""
-        with self.session() as s:
+        with self.reading() as s:
             query = (select(TaskRow.data).where(TaskRow.project_id == project_id,
                                                 TaskRow.policy_version == policy_version)
                      .order_by(TaskRow.id.desc()).limit(limit))
             return [dict(d) for d in s.scalars(query)]
 
     def project_task_data(self, project_id: int | None = None) -> list[dict]:
-        with self.session() as s:
+        with self.reading() as s:
             query = select(TaskRow.data).order_by(TaskRow.id)
             if project_id is not None:
                 query = query.where(TaskRow.project_id == project_id)
@@ -390,17 +404,17 @@ class Store:
 
     def annotation_ids(self, project_id: int) -> set[int]:
         """Live (not deleted) annotations of the project, with or without pairs."""
-        with self.session() as s:
+        with self.reading() as s:
             query = select(AnnotationRow.id).where(AnnotationRow.project_id == project_id,
                                                    AnnotationRow.deleted.is_(False))
             return set(s.scalars(query))
 
     def annotation_records(self) -> dict[int, ledger.AnnotationRecord]:
-        with self.session() as s:
+        with self.reading() as s:
             return {row.id: _annotation_record(row) for row in s.scalars(select(AnnotationRow))}
 
     def pairs(self, project_id: int | None = None) -> list[PairRow]:
-        with self.session() as s:
+        with self.reading() as s:
             query = select(PairRow).order_by(PairRow.id)
             if project_id is not None:
                 query = query.where(PairRow.project_id == project_id)
@@ -416,14 +430,14 @@ class Store:
                        func.coalesce(PairRow.rejected_id, PairRow.rejected)).order_by(PairRow.id)
         if project_id is not None:
             query = query.where(PairRow.project_id == project_id)
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(query)
             return [{"task_id": task, "annotator": annotator, "chosen_id": chosen, "rejected_id": rejected}
                     for task, annotator, chosen, rejected in rows]
 
     def pair_count(self, project_id: int | None = None, after_id: int = 0) -> int:
         """Pairs in the store (of one project), counting only those stored after pair `after_id`."""
-        with self.session() as s:
+        with self.reading() as s:
             query = select(func.count(PairRow.id)).where(PairRow.id > after_id)
             if project_id is not None:
                 query = query.where(PairRow.project_id == project_id)
@@ -431,14 +445,14 @@ class Store:
 
     def pair_times(self, project_id: int) -> list[tuple[datetime, int]]:
         """(stored at, annotation id) of each of the project's pairs, oldest first: its signal over time."""
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(select(PairRow.created_at, PairRow.annotation_id).where(PairRow.project_id == project_id)
                              .order_by(PairRow.id))
             return [(_aware(stamp), annotation) for stamp, annotation in rows]
 
     def max_pair_id(self, project_id: int) -> int:
         """A watermark: pairs stored later (new annotations or new versions of old ones) have larger ids."""
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalar(select(func.max(PairRow.id)).where(PairRow.project_id == project_id)) or 0
 
     # --- model versions: one lineage of each kind per project ---
@@ -466,12 +480,12 @@ class Store:
             return result.rowcount or 0
 
     def next_version(self, kind: str, project_id: int) -> int:
-        with self.session() as s:
+        with self.reading() as s:
             latest = s.scalar(select(func.max(ModelVersionRow.version)).where(_lineage(kind, project_id)))
             return 0 if latest is None else latest + 1
 
     def latest_version(self, kind: str, project_id: int) -> ModelVersion | None:
-        with self.session() as s:
+        with self.reading() as s:
             row = s.scalars(
                 select(ModelVersionRow).where(_lineage(kind, project_id), ModelVersionRow.retired.is_(False))
                 .order_by(ModelVersionRow.version.desc())
@@ -479,7 +493,7 @@ class Store:
             return _version(row) if row else None
 
     def versions(self, kind: str, project_id: int) -> list[ModelVersion]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(ModelVersionRow).where(_lineage(kind, project_id))
                              .order_by(ModelVersionRow.version))
             return [_version(r) for r in rows]
@@ -510,7 +524,7 @@ class Store:
         raise RuntimeError(f"could not queue a {kind} job for project {project_id}: the store keeps conflicting")
 
     def has_active_job(self, kind: str, project_id: int | None) -> bool:
-        with self.session() as s:
+        with self.reading() as s:
             query = select(func.count(JobRow.id)).where(JobRow.kind == kind, JobRow.project_id == project_id,
                                                         JobRow.state.in_(["queued", "running"]))
             return bool(s.scalar(query))
@@ -573,7 +587,7 @@ class Store:
     def live_workers(self, within_seconds: float) -> list[dict]:
         """Workers that beat within the last `within_seconds`."""
         since = _now() - timedelta(seconds=within_seconds)
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(WorkerRow).where(WorkerRow.beat_at >= since).order_by(WorkerRow.id))
             return [{"id": r.id, "job": r.job_id, "beat_at": _aware(r.beat_at).isoformat()} for r in rows]
 
@@ -589,23 +603,23 @@ class Store:
             return len(rows)
 
     def job_state(self, job_id: int) -> str | None:
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalar(select(JobRow.state).where(JobRow.id == job_id))
 
     def job_counts(self) -> dict[str, int]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(select(JobRow.state, func.count(JobRow.id)).group_by(JobRow.state))
             return {state: n for state, n in rows}
 
     def jobs(self, limit: int = 20) -> list[dict]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(JobRow).order_by(JobRow.id.desc()).limit(limit))
             return [{"id": r.id, "kind": r.kind, "project": r.project_id, "state": r.state, "error": r.error}
                     for r in rows]
 
     def job_durations(self, limit: int = 1000) -> dict[str, list[float]]:
         """Seconds from claim to finish of the newest `limit` done jobs, by kind."""
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(select(JobRow.kind, JobRow.started_at, JobRow.finished_at)
                              .where(JobRow.state == "done", JobRow.started_at.is_not(None))
                              .order_by(JobRow.id.desc()).limit(limit))
@@ -616,7 +630,7 @@ class Store:
 
     def active_jobs(self) -> list[dict]:
         """Queued and running jobs, most urgent first: what each lane has to do."""
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.scalars(select(JobRow).where(JobRow.state.in_(["queued", "running"]))
                              .order_by(JobRow.priority, JobRow.id))
             return [{"id": r.id, "kind": r.kind, "project": r.project_id, "state": r.state, "attempts": r.attempts,
@@ -624,7 +638,7 @@ class Store:
 
     # --- embeddings cache, shared by every process ---
     def get_embeddings(self, keys: list[str]) -> dict[str, bytes]:
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.execute(select(EmbeddingRow.key, EmbeddingRow.vector).where(EmbeddingRow.key.in_(keys)))
             return {k: v for k, v in rows}
 
@@ -644,13 +658,13 @@ class Store:
 
     def last_event_data(self, kind: str, project_id: int) -> dict | None:
         """The data of the project's newest event of `kind`, or None if there is none."""
-        with self.session() as s:
+        with self.reading() as s:
             return s.scalar(select(EventRow.data).where(EventRow.kind == kind, EventRow.project_id == project_id)
                             .order_by(EventRow.id.desc()).limit(1))
 
     def events_of(self, project_id: int, kinds: Iterable[str], limit: int) -> list[dict]:
         """The project's newest `limit` events of `kinds`, oldest first (a policy update's steps, say)."""
-        with self.session() as s:
+        with self.reading() as s:
             rows = list(s.scalars(select(EventRow).where(EventRow.project_id == project_id,
                                                          EventRow.kind.in_(list(kinds)))
                                   .order_by(EventRow.id.desc()).limit(limit)))[::-1]
@@ -660,7 +674,7 @@ class Store:
     def events(self, after_id: int = 0, limit: int = 100, project_id: int | None = None) -> list[dict]:
         """The `limit` events after `after_id`, oldest first; with no cursor, the newest `limit`.
         With `project_id`: that project's events and the backend's own."""
-        with self.session() as s:
+        with self.reading() as s:
             query = select(EventRow)
             if project_id is not None:
                 query = query.where(or_(EventRow.project_id == project_id, EventRow.project_id.is_(None)))

@@ -48,6 +48,9 @@ MAX_HELD_OUT_PROMPTS = 24  # enough to see a real drop in reward
 # 16, not 8: one answer's reward spreads by up to 14 on a prompt, and a real gain must clear the noise
 # of each prompt's mean (docs/policy.md, "Through a real Label Studio")
 HELD_OUT_SAMPLES = 16
+# Workers run below the web processes' CPU priority: on 2 cores, a policy update and reward refits beside
+# the web workers put webhook acks at p99 90 ms under 50 requests/s; niced, see docs/queue.md
+WORKER_NICENESS = 10
 
 
 class Worker:
@@ -389,6 +392,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     threads = settings.torch_threads or threads
     if threads:
         torch.set_num_threads(threads)
+    os.nice(WORKER_NICENESS)  # the web layer answers Label Studio first: its webhooks wait 1 s, never retried
     torch.manual_seed(settings.seed)
     store = Store(settings.store_url)
     store.create_schema()

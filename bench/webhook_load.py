@@ -5,8 +5,9 @@ In:  a real backend (`rlhf-backend serve`: gunicorn with 2 web workers, a fast a
      train lane; then ANNOTATION_CREATED webhooks (the captured payload, each a new annotation on a
      new task, 3 pairs each) sent open-loop at a fixed rate from a pool of client threads, so a slow
      answer does not lower the rate. Every annotation also queues a reward update (the fast lane).
-Out: a markdown table: requests, achieved rate, p50/p99/max ack latency, errors, and the pairs the
-     store holds afterwards against the pairs sent (goal: p99 < 50 ms, 0 errors, none lost).
+Out: a markdown table of two phases, the train lane idle (the baseline) and during the update:
+     requests, achieved rate, p50/p99/max ack latency, errors; and the pairs the store holds
+     afterwards against the pairs sent (goal: p99 < 50 ms, 0 errors, none lost).
 
 Run: `.venv/bin/python bench/webhook_load.py [--rate 50] [--seconds 60]`.
 """
@@ -67,7 +68,7 @@ def seed_project(url: str) -> None:
         requests.post(f"{url}/webhook", json=body, timeout=10).raise_for_status()
 
 
-def send_at_rate(url: str, rate: float, seconds: float, threads: int) -> tuple[list[float], list[str], float]:
+def send_at_rate(url: str, rate: float, seconds: float, threads: int, first: int) -> tuple[list[float], list[str], float]:
     """Open-loop load: request i leaves at start + i / rate, whoever is still waiting for an answer."""
     latencies, errors, lock = [], [], threading.Lock()
     local = threading.local()
@@ -92,7 +93,7 @@ def send_at_rate(url: str, rate: float, seconds: float, threads: int) -> tuple[l
     start = time.perf_counter() + 0.5
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for number in range(total):
-            pool.submit(send, SEED_TASKS + number, start + number / rate)
+            pool.submit(send, first + number, start + number / rate)
     return latencies, errors, time.perf_counter() - start
 
 
@@ -109,13 +110,20 @@ def main() -> None:
                "PPO_STEPS": "5000", "LABEL_STUDIO_URL": "http://127.0.0.1:9"}  # no Label Studio: none is needed
         store = Store(load_settings(env).store_url)
         backend = start_backend(env)
+        phases = []
         try:
             seed_project(backend.url)
+            sent = SEED_TASKS
+            # the baseline, in the same run: the same load with the train lane idle
+            latencies, errors, elapsed = send_at_rate(backend.url, args.rate, args.seconds, args.threads, sent)
+            phases.append(("train lane idle", latencies, errors, elapsed, None))
+            sent += len(latencies)
             update = store.enqueue("train_policy", PROJECT)
             wait_for(lambda: any(e["kind"] == "ppo_step" for e in store.events(limit=50)), 300, "the update's first step")
-            latencies, errors, elapsed = send_at_rate(backend.url, args.rate, args.seconds, args.threads)
-            update_state = store.job_state(update)
-            expected = 3 * (SEED_TASKS + len(latencies))
+            latencies, errors, elapsed = send_at_rate(backend.url, args.rate, args.seconds, args.threads, sent)
+            phases.append(("during a policy update", latencies, errors, elapsed, store.job_state(update)))
+            sent += len(latencies)
+            expected = 3 * sent
             try:
                 wait_for(lambda: store.pair_count(PROJECT) >= expected, 60, "every pair")
             except TimeoutError:
@@ -123,17 +131,19 @@ def main() -> None:
             stored = store.pair_count(PROJECT)
         finally:
             backend.stop()
-    q = statistics.quantiles(latencies, n=100)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; tiny models; the policy update was {update_state} throughout the load\n")
-    print("| requests | target / achieved rate | p50 ms | p99 ms | max ms | errors | pairs stored / sent |")
+          f"{platform.python_version()}; tiny models; {args.rate:.0f} requests/s for {args.seconds:.0f} s per phase; "
+          f"pairs stored / sent: {stored} / {expected}\n")
+    print("| phase | requests | achieved rate | p50 ms | p99 ms | max ms | errors |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {len(latencies)} | {args.rate:.0f} / {len(latencies) / elapsed:.1f} per s | "
-          f"{statistics.median(latencies) * 1000:.1f} | {q[98] * 1000:.1f} | {max(latencies) * 1000:.1f} | "
-          f"{len(errors)} | {stored} / {expected} |")
-    if errors:
-        print("\nfirst errors:", errors[:5])
-
+    for label, latencies, errors, elapsed, state in phases:
+        q = statistics.quantiles(latencies, n=100)
+        label += "" if state is None else f" (still {state} at the end)"
+        print(f"| {label} | {len(latencies)} | {len(latencies) / elapsed:.1f} per s | "
+              f"{statistics.median(latencies) * 1000:.1f} | {q[98] * 1000:.1f} | {max(latencies) * 1000:.1f} | "
+              f"{len(errors)} |")
+        if errors:
+            print(f"\nfirst errors ({label}):", errors[:5])
 
 if __name__ == "__main__":
     main()

@@ -38,3 +38,20 @@ def test_model_version_names_each_projects_own_versions(tiny_env):
     registry = make_registry(tiny_env)
     registry.store.publish_version("reward", 7, 1, "/r1", pairs_seen=3, metrics={})
     assert registry.model_version(7) == "policy-v0.reward-v1" and registry.model_version(8) == "policy-v0.reward-v0"
+
+
+def test_a_staging_directory_left_by_a_killed_writer_goes_at_the_next_publish(tmp_path):
+    import os
+    import time
+
+    from backend.models import ABANDONED_STAGING_SECONDS, atomic_directory
+
+    abandoned, live = tmp_path / ".v0003-dead", tmp_path / ".v0004-busy"
+    abandoned.mkdir()
+    live.mkdir()
+    old = time.time() - ABANDONED_STAGING_SECONDS - 60
+    os.utime(abandoned, (old, old))
+    with atomic_directory(tmp_path / "v0005") as staging:
+        (staging / "config.json").write_text("{}")
+    assert not abandoned.exists() and live.exists()  # a recent one may still be written to
+    assert (tmp_path / "v0005" / "config.json").exists()

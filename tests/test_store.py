@@ -296,3 +296,27 @@ def test_a_lane_claims_only_its_kinds_of_job(store):
     assert store.claim_job("fast", LANES["fast"]).id == generate
     assert store.claim_job("fast", LANES["fast"]) is None
     assert store.claim_job("train", LANES["train"]).id == update
+
+
+def test_reads_do_not_wait_for_a_writer_holding_the_lock(store_url):
+    import threading
+
+    writer, reader = Store(store_url), Store(store_url)
+    writer.create_schema()
+    writer.publish_version("reward", 1, 1, "/r1", 3, {})
+    answers = []
+    with writer.session() as s:  # a long write transaction holds the write lock...
+        s.add(a_pair_row(project_id=1))
+        s.flush()
+        thread = threading.Thread(target=lambda: answers.append((reader.latest_version("reward", 1).path,
+                                                                 reader.pair_count(1))))
+        thread.start()
+        thread.join(timeout=5)  # ...well under SQLite's 10 s busy timeout, which a locked read would wait out
+        assert not thread.is_alive() and answers == [("/r1", 0)]  # the snapshot before the write
+    assert reader.pair_count(1) == 1
+
+
+def a_pair_row(project_id: int):
+    from backend.store import PairRow
+
+    return PairRow(project_id=project_id, task_id=1, annotation_id=1, prompt="p", chosen="a", rejected="b")
