@@ -41,6 +41,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -392,12 +394,11 @@ class Store:
             if isinstance(event, ledger.AnnotationsDeleted):
                 _tombstone(s, event.annotation_ids, event.project_id)
                 return True
-            row = s.get(AnnotationRow, event.annotation_id)
-            if not ledger.accepts(_annotation_record(row), event):
+            row, created = _locked_annotation(s, event.annotation_id)
+            if not ledger.accepts(None if created else _annotation_record(row), event):
                 return False
-            s.merge(AnnotationRow(id=event.annotation_id, project_id=event.project_id, task_id=event.task_id,
-                                  updated_at=event.updated_at, fingerprint=event.fingerprint, deleted=False,
-                                  refused=event.refused))
+            row.project_id, row.task_id, row.updated_at = event.project_id, event.task_id, event.updated_at
+            row.fingerprint, row.deleted, row.refused = event.fingerprint, False, event.refused
             s.execute(delete(PairRow).where(PairRow.annotation_id == event.annotation_id))
             s.add_all(PairRow(**{**pair.as_row(), "annotation_id": event.annotation_id}) for pair in event.pairs)
             return True
@@ -711,13 +712,28 @@ def _named_lock(engine: Engine, name: str, key: int) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _locked_annotation(s: Session, annotation_id: int) -> tuple[AnnotationRow, bool]:
+    """The annotation's row, locked for this transaction; created (True) if it did not exist.
+
+    An upsert, not read-then-write: two events for a new annotation on PostgreSQL would both read
+    nothing and both insert (one failing); here the second waits on the first's row lock, then reads
+    what it wrote. SQLite's writers are serialised by BEGIN IMMEDIATE already."""
+    insert = postgresql_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+    created = s.execute(insert(AnnotationRow).values(id=annotation_id, fingerprint="", deleted=False)
+                        .on_conflict_do_nothing(index_elements=["id"]).returning(AnnotationRow.id)).first() is not None
+    row = s.scalars(select(AnnotationRow).where(AnnotationRow.id == annotation_id).with_for_update()
+                    .execution_options(populate_existing=True)).one()
+    return row, created
+
+
 def _tombstone(s: Session, annotation_ids: Iterable[int], project_id: int | None) -> None:
     """Deleted annotations: their pairs go, and a tombstone (keeping nothing of the version it replaces,
     so delete-then-save and save-then-delete end alike) stops a late save reviving them."""
-    ids = list(annotation_ids)
+    ids = sorted(set(annotation_ids))  # one lock order, so two deletes of overlapping ids cannot deadlock
     for annotation_id in ids:
-        s.merge(AnnotationRow(id=annotation_id, project_id=project_id, task_id=None,
-                              updated_at=None, fingerprint="", deleted=True, refused=None))
+        row, _ = _locked_annotation(s, annotation_id)
+        row.project_id, row.task_id, row.updated_at = project_id, None, None
+        row.fingerprint, row.deleted, row.refused = "", True, None
     s.execute(delete(PairRow).where(PairRow.annotation_id.in_(ids)))
 
 

@@ -320,3 +320,27 @@ def a_pair_row(project_id: int):
     from backend.store import PairRow
 
     return PairRow(project_id=project_id, task_id=1, annotation_id=1, prompt="p", chosen="a", rejected="b")
+
+
+def test_concurrent_versions_of_one_new_annotation_end_in_the_newest(store_url):
+    import threading
+
+    Store(store_url).create_schema()
+    stamps = [f"2026-01-0{day}T00:00:00Z" for day in range(1, 9)]
+    errors = []
+
+    def save(stamp: str) -> None:
+        try:
+            Store(store_url).apply_annotation_event(_saved(77, stamp, n_pairs=2))
+        except Exception as exc:  # a lost race would surface here as an IntegrityError
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(stamp,)) for stamp in reversed(stamps)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store = Store(store_url)
+    assert errors == []
+    assert store.annotation_records()[77].updated_at.isoformat().startswith("2026-01-08")
+    assert store.pair_count() == 2  # one version's pairs, not two versions' mixed
