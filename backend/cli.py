@@ -145,6 +145,8 @@ def train(project: int = typer.Option(..., "--project", help="Label Studio proje
     """Queue a policy update now, whatever the pair count (the running worker picks it up)."""
     import time
 
+    from tqdm import tqdm
+
     from backend.store import Store
 
     store = Store(_settings().store_url)
@@ -153,12 +155,20 @@ def train(project: int = typer.Option(..., "--project", help="Label Studio proje
     store.enqueue("sync", project)  # as "Start training" does: catch up with Label Studio first
     job_id = store.enqueue("train_policy", project)  # absorbed by a run already queued or running
     typer.echo(f"policy update queued as job {job_id}")
+    steps = None  # a progress bar over the update's steps, the other events printed above it
     while wait:
-        for event in store.events(after_id=last_event):
-            typer.echo(f"[{event['kind']}] {event['message']}")
+        for event in store.events(after_id=last_event, project_id=project):
             last_event = event["id"]
+            planned = event["data"].get("planned_steps") or (event["data"].get("extra") or {}).get("max_steps")
+            if event["kind"] == "ppo_step" and planned:
+                steps = steps or tqdm(total=planned, desc="policy update", unit="step")
+                steps.update(event["data"]["step"] - steps.n)
+            else:
+                (steps.write if steps else typer.echo)(f"[{event['kind']}] {event['message']}")
         state = store.job_state(job_id)
         if state in ("done", "failed"):
+            if steps:
+                steps.close()
             raise typer.Exit(0 if state == "done" else 1)
         time.sleep(2)
 

@@ -113,3 +113,27 @@ def test_serve_starts_on_loopback_with_auth_or_when_told_the_network_is_trusted(
     monkeypatch.setattr("os.execv", lambda path, args: started.append(args))
     result = run({**env, **extra}, "serve", "--host", host)
     assert result.exit_code == 0 and f"{host}:9090" in started[0]
+
+
+def test_train_wait_follows_the_update_with_a_progress_bar_and_its_events(env):
+    import threading
+    import time
+
+    store = Store(load_settings(env).store_url)
+    store.create_schema()
+
+    def worker() -> None:  # stands in for the train lane: two steps, then the outcome
+        while (job := store.claim_job("w", {"train_policy"})) is None:
+            time.sleep(0.1)
+        for step in (1, 2):
+            store.log_event("ppo_step", f"ppo step {step}", project=1, step=step, planned_steps=2)
+        store.log_event("policy", "policy v1 published after 2 steps", project=1)
+        store.finish_job(job.id)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    result = run(env, "train", "--project", "1", "--wait")
+    thread.join()
+    assert result.exit_code == 0, result.output
+    assert "policy update: 100%" in result.output and "2/2" in result.output
+    assert "[policy] policy v1 published after 2 steps" in result.output
