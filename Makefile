@@ -4,7 +4,7 @@ VENV := .venv
 LS_VENV := .venv-labelstudio
 PY := $(VENV)/bin/python
 
-.PHONY: install postgres browser test test-fast demo bench serve clean
+.PHONY: install postgres debian-tools test test-fast demo bench serve clean
 
 install: $(VENV)/.installed $(LS_VENV)/.installed
 
@@ -31,12 +31,13 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
-# The status page's test drives Debian's headless Chromium through its ChromeDriver (no browser download).
-browser:
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
-	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+# Debian's programs the tests drive: headless Chromium and its ChromeDriver (the status page; no browser
+# download) and docker-compose (checks the compose file; no Docker engine needed).
+debian-tools:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver -a -x /usr/bin/docker-compose || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver docker-compose >/dev/null)
 
-test: install postgres browser
+test: install postgres debian-tools
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -26,8 +26,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 def browser():
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         if os.environ.get("CI"):
-            pytest.fail("Chromium is missing: `make browser` installs Debian's chromium and chromium-driver")
-        pytest.skip("Debian's chromium and chromium-driver are not installed (make browser)")
+            pytest.fail("Chromium is missing: `make debian-tools` installs Debian's chromium and chromium-driver")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make debian-tools)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
