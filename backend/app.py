@@ -26,8 +26,8 @@ from backend.labelconfig import LabelConfigError, parse_ranking_schema
 from backend.predictions import fields_of_config, rank_prediction
 from backend.registry import ModelRegistry
 from backend.settings import Settings
-from backend.status import loop_status
-from backend.store import LANES, WORKER_ALIVE_SECONDS, Store
+from backend.status import loop_status, project_summaries
+from backend.store import WORKER_ALIVE_SECONDS, Store, lane_of
 from backend.http_schemas import PredictRequest, SetupRequest, openapi_document
 from backend.webhooks import MAX_ID, PayloadError, handle_webhook, on_train, parse
 
@@ -111,8 +111,7 @@ def create_app(settings: Settings) -> Flask:
             schema = parse_ranking_schema(config)
         except LabelConfigError as exc:
             raise PayloadError(str(exc)) from None
-        unmatched = [t for t in tasks if not fields_of_config(t, schema)]
-        if tasks and len(unmatched) == len(tasks):
+        if tasks and not any(fields_of_config(t, schema) for t in tasks):
             raise PayloadError(f"no task has the fields the label config names ('{schema.prompt_field}', "
                                f"'{schema.candidates_field}'), e.g. task {tasks[0].get('id')} has "
                                f"{sorted(tasks[0]['data'])[:8]}: import tasks that match the project's config")
@@ -140,7 +139,7 @@ def create_app(settings: Settings) -> Flask:
     def status():
         """Every project's loop in a line; with `?project=ID`, that project's loop in full."""
         after = event_cursor(request.args.get("after"))
-        body = {"projects": [project_summary(store, registry, p) for p in store.project_ids()],
+        body = {"projects": [p.model_dump() for p in project_summaries(store, registry)],
                 "jobs": store.job_counts(), "recent_jobs": store.jobs()}
         if request.args.get("project") is None:
             return jsonify(**body, events=store.events(after_id=after))
@@ -210,11 +209,6 @@ def job_durations(durations: dict[str, list[float]]) -> HistogramMetricFamily:
     return family
 
 
-def project_summary(store: Store, registry: ModelRegistry, project_id: int) -> dict:
-    return {"id": project_id, "model_version": registry.model_version(project_id),
-            "pairs": store.pair_count(project_id)}
-
-
 def parse_project_id(value) -> int:
     """Label Studio sends the project as "<id>.<created timestamp>" to /setup and /predict."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -256,8 +250,8 @@ class StoreCollector:
             jobs.add_metric([state], count)
         yield jobs
         depth = GaugeMetricFamily("rlhf_lane_queued_jobs", "Queued jobs waiting for each lane's workers", labels=["lane"])
-        active = self.store.active_jobs()
+        queued = [lane_of(j["kind"]) for j in self.store.active_jobs() if j["state"] == "queued"]
         for lane in ("fast", "train"):
-            depth.add_metric([lane], sum(j["state"] == "queued" and j["kind"] in LANES[lane] for j in active))
+            depth.add_metric([lane], queued.count(lane))
         yield depth
         yield job_durations(self.store.job_durations())

@@ -159,7 +159,7 @@ def train(project: int = typer.Option(..., "--project", help="Label Studio proje
     while wait:
         for event in store.events(after_id=last_event, project_id=project):
             last_event = event["id"]
-            planned = event["data"].get("planned_steps") or (event["data"].get("extra") or {}).get("max_steps")
+            planned = event["data"].get("planned_steps")
             if event["kind"] == "ppo_step" and planned:
                 steps = steps or tqdm(total=planned, desc="policy update", unit="step")
                 steps.update(event["data"]["step"] - steps.n)

@@ -59,9 +59,6 @@ class LoadedModels(Generic[T]):
                 log.info("unloaded %s (more than %d loaded)", dropped, self.capacity)
             return model
 
-    def paths(self) -> list[str]:
-        return list(self._models)
-
 
 class ModelRegistry:
     def __init__(self, settings: Settings, store: Store):

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from backend.agreement import annotator_consistency, pairwise_agreement
 from backend.labelconfig import LabelConfigError, parse_ranking_schema
 from backend.registry import ModelRegistry
-from backend.store import LANES, WORKER_ALIVE_SECONDS, Store
+from backend.store import WORKER_ALIVE_SECONDS, Store, lane_of
 
 MAX_TIMELINE_POINTS = 300  # a plot needs no more; a project with 100,000 pairs would send them all
 MAX_POLICY_UPDATES = 10  # the newest ones
@@ -123,8 +123,7 @@ class LoopStatus(BaseModel):
 
 def loop_status(store: Store, registry: ModelRegistry, project_id: int | None = None) -> LoopStatus:
     """The state of `project_id`'s loop (default: the first connected project)."""
-    projects = [ProjectSummary(id=p, model_version=registry.model_version(p), pairs=store.pair_count(p))
-                for p in store.project_ids()]
+    projects = project_summaries(store, registry)
     if project_id is None and projects:
         project_id = projects[0].id
     workers = store.live_workers(WORKER_ALIVE_SECONDS)
@@ -144,6 +143,12 @@ def loop_status(store: Store, registry: ModelRegistry, project_id: int | None = 
                                         for who, a in annotator_consistency(orders).items()}),
         serving=serving, previous=previous,
     )
+
+
+def project_summaries(store: Store, registry: ModelRegistry) -> list[ProjectSummary]:
+    """Every connected project's loop in a line."""
+    return [ProjectSummary(id=p, model_version=registry.model_version(p), pairs=store.pair_count(p))
+            for p in store.project_ids()]
 
 
 def signal_timeline(store: Store, project_id: int) -> list[SignalPoint]:
@@ -212,8 +217,7 @@ def lane_jobs(store: Store) -> list[LaneJob]:
         progress = eta = None
         if job["kind"] == "train_policy" and job["state"] == "running" and job["project"] is not None:
             progress, eta = update_progress(store.events_of(job["project"], ("ppo", "ppo_step"), limit=1))
-        lane = next(name for name in ("fast", "train") if job["kind"] in LANES[name])
-        jobs.append(LaneJob(**job, lane=lane, progress=progress, eta_seconds=eta))
+        jobs.append(LaneJob(**job, lane=lane_of(job["kind"]), progress=progress, eta_seconds=eta))
     return jobs
 
 
@@ -222,7 +226,7 @@ def update_progress(newest: list[dict]) -> tuple[float | None, float | None]:
     if not newest or newest[-1]["kind"] != "ppo_step":
         return 0.0, None
     data = newest[-1]["data"] or {}
-    planned = data.get("planned_steps") or (data.get("extra") or {}).get("max_steps")
+    planned = data.get("planned_steps")
     since = (_now() - datetime.fromisoformat(newest[-1]["at"])).total_seconds()
     eta = max(0.0, float(data.get("eta_seconds", 0.0)) - since)
     return (min(1.0, data.get("step", 0) / planned) if planned else None), eta

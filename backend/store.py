@@ -192,6 +192,11 @@ LANES = {
     "train": frozenset({"train_policy"}),
 }
 LANES["all"] = LANES["fast"] | LANES["train"]
+
+
+def lane_of(kind: str) -> str:
+    """The lane whose workers run jobs of `kind`: "fast" or "train"."""
+    return "train" if kind in LANES["train"] else "fast"
 # Kinds of which at most one may be queued or running per project: "Start training" and the automatic
 # trigger fold into one policy update of the project.
 EXCLUSIVE_KINDS = {"train_policy"}

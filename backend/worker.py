@@ -272,7 +272,7 @@ class Worker:
             kl = "n/a" if stats.kl is None else f"{stats.kl:.3f}"
             self.store.log_event("ppo_step", f"{settings.rl_algorithm} step {stats.step}: reward "
                                  f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", project=project_id,
-                                 planned_steps=planned_steps(settings), **asdict(stats))
+                                 planned_steps=planned_steps(settings) or stats.extra.get("max_steps"), **asdict(stats))
 
         # train: the reward in units of the candidates annotators saw (centred per prompt, unit spread)
         reward_fn = normalised_to_candidates(reward.score, {p: shown[p] for p in train_prompts if shown[p]})
@@ -368,8 +368,8 @@ def ppo_config(settings: Settings) -> PPOConfig:
 
 
 def planned_steps(settings: Settings) -> int | None:
-    """Rollouts an RL update runs unless a stop rule ends it early; DPO's optimiser steps are known once it
-    has read the pairs (its step events carry them as `max_steps`)."""
+    """Rollouts an RL update runs unless a stop rule ends it early; DPO's optimiser steps are known only once
+    it has read the pairs (its steps report them as `max_steps`)."""
     return None if settings.rl_algorithm == "dpo" else settings.ppo_steps
 
 
