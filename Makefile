@@ -32,10 +32,11 @@ postgres:
 	  (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
 # Debian's programs the tests drive: headless Chromium and its ChromeDriver (the status page; no browser
-# download) and docker-compose (checks the compose file; no Docker engine needed).
+# download), docker-compose (checks the compose file; no Docker engine needed) and redis-server (the
+# job queue's Redis backend, started by the tests).
 debian-tools:
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver -a -x /usr/bin/docker-compose || \
-	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver docker-compose >/dev/null)
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver -a -x /usr/bin/docker-compose -a -x /usr/bin/redis-server || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver docker-compose redis-server >/dev/null)
 
 test: install postgres debian-tools
 	$(PY) -m pytest -q

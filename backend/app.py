@@ -40,7 +40,7 @@ JOB_DURATION_BUCKETS = (0.1, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200)
 
 def create_app(settings: Settings) -> Flask:
     app = Flask(__name__)
-    store = Store(settings.store_url)
+    store = Store(settings.store_url, settings.redis_url)
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     store.create_schema()
     registry = ModelRegistry(settings, store)
@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> Flask:
     def health():
         # the web layer answers; whether anything will act on what it queues is the worker's liveness
         workers = store.live_workers(WORKER_ALIVE_SECONDS)
-        return jsonify(status="UP", model_class=MODEL_CLASS, version=__version__,
+        return jsonify(status="UP", model_class=MODEL_CLASS, version=__version__, queue=store.queue.backend,
                        training_workers={"alive": len(workers), "busy": sum(w["job"] is not None for w in workers)})
 
     @app.post("/setup")

@@ -84,7 +84,7 @@ def worker(lane: str = typer.Option("split", help="Jobs to run: 'split' = a fast
         from backend.store import Store
         from backend.supervisor import supervise
 
-        store = Store(settings.store_url)
+        store = Store(settings.store_url, settings.redis_url)
         store.create_schema()
         # side by side, each lane gets its share of the cores: 2 + 2 threads on 2 cores made generation
         # during PPO 4.9x slower than idle (docs/queue.md)
@@ -127,7 +127,7 @@ def sync(project: int = typer.Option(..., "--project", help="Label Studio projec
     from backend.sync import sync_project
 
     settings = _settings()
-    store = Store(settings.store_url)
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     try:
         client = labelstudio.connect(settings.label_studio_url, settings.label_studio_api_key)
@@ -149,7 +149,8 @@ def train(project: int = typer.Option(..., "--project", help="Label Studio proje
 
     from backend.store import Store
 
-    store = Store(_settings().store_url)
+    settings = _settings()
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     last_event = max((e["id"] for e in store.events(limit=1)), default=0)  # the newest
     store.enqueue("sync", project)  # as "Start training" does: catch up with Label Studio first
@@ -181,7 +182,8 @@ def export(project: int = typer.Option(..., "--project", help="Label Studio proj
     from backend.export import export_pairs
     from backend.store import Store
 
-    store = Store(_settings().store_url)
+    settings = _settings()
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     try:
         count = export_pairs(store.pairs(project), fmt, out or sys.stdout)
@@ -203,7 +205,8 @@ def policy_rollback(version: int = typer.Argument(..., help="Policy version to s
     """Serve an older policy of the project again; its unannotated tasks get candidates from it."""
     from backend.store import Store
 
-    store = Store(_settings().store_url)
+    settings = _settings()
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     try:
         retired = store.rollback("policy", project, version)
@@ -225,7 +228,7 @@ def status(project: int = typer.Option(None, "--project", help="Label Studio pro
     from backend.store import Store
 
     settings = _settings()
-    store = Store(settings.store_url)
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     state = loop_status(store, ModelRegistry(settings, store), project)
     if as_json:

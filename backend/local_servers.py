@@ -1,6 +1,7 @@
 """Local servers for the demo and the end-to-end tests: settings in, running processes out.
 
-A real Label Studio from its own virtualenv (.venv-labelstudio), and the backend under gunicorn.
+A real Label Studio from its own virtualenv (.venv-labelstudio), the backend under gunicorn, and
+throwaway PostgreSQL and Redis servers from Debian's packages.
 
 Label Studio migrates its SQLite database on the first start of a data dir (about 60 s here),
 so a migrated data dir is kept under .cache/ and copied for each test session (about 5 s to start).
@@ -167,3 +168,31 @@ def start_postgres(data_dir: Path, timeout: float = 60) -> tuple[str, Callable[[
                     str(data_dir / "server.log"), "start"], check=True, capture_output=True, timeout=timeout + 10)
     return (f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
             lambda: subprocess.run([*ctl, "-m", "fast", "stop"], capture_output=True, timeout=timeout + 10))
+
+
+def start_redis(data_dir: Path, timeout: float = 30) -> tuple[str, Callable[[], None]]:
+    """A throwaway Redis server on 127.0.0.1 (Debian's redis-server, for the job queue's tests and
+    benches); returns its URL and a stop function."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed: apt-get install redis-server (make debian-tools)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = data_dir / "redis.log"
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+                                "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {process.returncode}; log:\n{log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_for(answers, timeout, f"redis-server on port {port}", interval=0.1)
+    return url, lambda: stop(process)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SettingsError(ValueError):
@@ -28,6 +28,8 @@ class Settings(BaseModel):
     # --- where state lives ---
     model_dir: Path = Field(Path("model_dir"), description="All state: the store, model versions, caches")
     database_url: str = Field("", description="SQLAlchemy URL of the store; default: SQLite under MODEL_DIR")
+    redis_url: str = Field(
+        "", description="Redis URL of the job queue (redis://host:6379/0), for workers on other machines; default: a queue where the store is")
 
     # --- models ---
     policy_model: str = Field("smollm2-135m-instruct", description="Policy: the bundled default, a HF id or a path")
@@ -88,6 +90,13 @@ class Settings(BaseModel):
         "auto", description="Where the worker trains policies and runs their held-out check; auto = cuda if available")
     torch_threads: int = Field(0, ge=0, le=256, description="torch threads per worker; 0 = auto (serve's two lanes: half the cores each)")
     seed: int = Field(0, ge=0, description="Seed of sampling and training")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("not a Redis URL: use redis://host:6379/0 (or rediss://, unix://), or leave it unset")
+        return value
 
     @model_validator(mode="after")
     def _check_auth_pair(self) -> "Settings":

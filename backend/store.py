@@ -4,6 +4,8 @@ In: tasks, annotations' preference pairs, model versions and jobs from the other
 Out: the same, queried. SQLite in WAL mode by default (several gunicorn workers and the
 training worker share it); any SQLAlchemy URL (e.g. PostgreSQL) via DATABASE_URL.
 Nothing here is cached in process memory, so every process sees every other's writes.
+Jobs are rows here (the truth of what must happen); their ids travel to workers on the job queue
+(jobqueue.py), which this store announces to after each commit.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import socket
 import uuid
 import zlib
@@ -48,6 +51,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from backend import ledger
+from backend.jobqueue import QUEUE_LANES, JobQueue, QueueUnavailable
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_KEY = 0x726C6866  # "rlhf": the PostgreSQL advisory lock held while migrating
@@ -192,6 +198,9 @@ LANES = {
     "train": frozenset({"train_policy"}),
 }
 LANES["all"] = LANES["fast"] | LANES["train"]
+# A queued job whose message is older than this and not on its lane's (empty) queue lost its message:
+# its worker died between taking it and claiming the job, or the queue was down when it was queued.
+LOST_MESSAGE_SECONDS = 5.0
 
 
 def lane_of(kind: str) -> str:
@@ -246,8 +255,9 @@ def _begin(connection) -> None:
 class Store:
     """All loop state. One instance per process; it holds a connection pool, no data."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, redis_url: str = ""):
         self.engine: Engine = create_engine(url)
+        self.queue = JobQueue(url, redis_url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _begin)
@@ -504,12 +514,13 @@ class Store:
                              .order_by(ModelVersionRow.version))
             return [_version(r) for r in rows]
 
-    # --- jobs: a durable queue the worker processes claim from ---
+    # --- jobs: rows here, their ids on the job queue ---
     def enqueue(self, kind: str, project_id: int | None, task_ids: Iterable[int] = (), **payload) -> int:
         """Queue a job, or fold it into the same kind's queued job for the project (a burst makes one job).
 
         For EXCLUSIVE_KINDS a job of the project that is already queued or running absorbs the request. The unique
-        `active_key` makes this hold across processes: of two racing inserts, one fails and folds.
+        `active_key` makes this hold across processes: of two racing inserts, one fails and folds. A new job is
+        announced on its lane's queue once it is committed.
         """
         key = f"{kind}:{project_id}"
         for _ in range(3):
@@ -524,10 +535,37 @@ class Store:
                                  payload=_merge_payload({}, task_ids, payload), active_key=key)
                     s.add(job)
                     s.flush()
-                    return job.id
+                    job_id = job.id
             except IntegrityError:  # another process queued the twin between our read and write
                 continue
+            self._announce([(job_id, kind)])
+            return job_id
         raise RuntimeError(f"could not queue a {kind} job for project {project_id}: the store keeps conflicting")
+
+    def _announce(self, jobs: Iterable[tuple[int, str]]) -> None:
+        """Put committed queued jobs' ids on their lanes' queues. A queue that is down loses nothing:
+        the job is in the store, and a worker announces it again (announce_lost_jobs)."""
+        for job_id, kind in jobs:
+            try:
+                self.queue.announce(lane_of(kind), job_id, priority=-JOB_PRIORITY.get(kind, 5))
+            except QueueUnavailable as exc:
+                log.warning("%s; job %d stays queued in the store and is announced again later", exc, job_id)
+
+    def announce_lost_jobs(self, lane: str, older_than: float = LOST_MESSAGE_SECONDS) -> int:
+        """Announce again the queued jobs of `lane` whose message is gone: only while the lane's queue
+        is empty, so a job that waits behind others is never announced twice. Returns how many."""
+        announced = 0
+        for queue_lane in _queue_lanes(lane):
+            if self.queue.pending(queue_lane):
+                continue
+            before = _now() - timedelta(seconds=older_than)
+            with self.reading() as s:
+                lost = list(s.execute(select(JobRow.id, JobRow.kind).where(
+                    JobRow.state == "queued", JobRow.kind.in_(sorted(LANES[queue_lane])),
+                    JobRow.created_at < before).order_by(JobRow.id)))
+            self._announce(lost)
+            announced += len(lost)
+        return announced
 
     def has_active_job(self, kind: str, project_id: int | None) -> bool:
         with self.reading() as s:
@@ -535,22 +573,29 @@ class Store:
                                                         JobRow.state.in_(["queued", "running"]))
             return bool(s.scalar(query))
 
-    def claim_job(self, worker_id: str, kinds: Iterable[str] | None = None) -> Job | None:
-        """Atomically move the most urgent queued job (of `kinds`, default any) to running for this worker."""
+    def claim_job(self, worker_id: str, lane: str = "all") -> Job | None:
+        """The next job the queue of `lane` (LANES) hands this worker, moved to running in the store;
+        None when the lane's queues are empty. A message of a job that is no longer queued (a duplicate,
+        or a job its project's deletion stopped) is dropped."""
+        for queue_lane in _queue_lanes(lane):
+            while (job_id := self.queue.take(queue_lane)) is not None:
+                job = self._claim(worker_id, job_id)
+                if job is not None:
+                    return job
+        return None
+
+    def _claim(self, worker_id: str, job_id: int) -> Job | None:
+        """Move job `job_id` from queued to running for this worker, if it is still queued."""
         token = f"{worker_id}:{uuid.uuid4().hex[:8]}"
         with self.session() as s:
-            queued = select(JobRow.id).where(JobRow.state == "queued")
-            if kinds is not None:
-                queued = queued.where(JobRow.kind.in_(sorted(kinds)))
-            next_id = queued.order_by(JobRow.priority, JobRow.id).limit(1).scalar_subquery()
             claimed = s.execute(
-                update(JobRow).where(JobRow.id == next_id, JobRow.state == "queued")
+                update(JobRow).where(JobRow.id == job_id, JobRow.state == "queued")
                 .values(state="running", claimed_by=token, started_at=_now(), heartbeat_at=_now(),
                         attempts=JobRow.attempts + 1)
             )
             if not claimed.rowcount:
                 return None
-            row = s.scalars(select(JobRow).where(JobRow.claimed_by == token)).one()
+            row = s.get(JobRow, job_id)
             if row.kind not in EXCLUSIVE_KINDS:  # a running job no longer absorbs new work: its twin may queue
                 row.active_key = None
             return Job(id=row.id, kind=row.kind, project_id=row.project_id, payload=dict(row.payload))
@@ -571,7 +616,9 @@ class Store:
                 if max_attempts is None:
                     row.attempts -= 1
                 _requeue_or_fail(row, max_attempts)
-            return len(rows)
+            requeued = [(row.id, row.kind) for row in rows if row.state == "queued"]
+        self._announce(requeued)
+        return len(rows)
 
     def beat(self, worker_id: str, job_id: int | None) -> None:
         """A worker is alive (and still runs `job_id`): renews its record and its job's lease."""
@@ -606,7 +653,9 @@ class Store:
                                                        JobRow.heartbeat_at < stale_before).with_for_update()))
             for row in rows:
                 _requeue_or_fail(row, max_attempts)
-            return len(rows)
+            requeued = [(row.id, row.kind) for row in rows if row.state == "queued"]
+        self._announce(requeued)
+        return len(rows)
 
     def job_state(self, job_id: int) -> str | None:
         with self.reading() as s:
@@ -758,6 +807,12 @@ def _requeue_or_fail(row: JobRow, max_attempts: int | None) -> None:
                      f"the last was {row.claimed_by}")
     else:  # an exclusive kind's job kept its key while it ran, so it still absorbs twins
         row.state, row.claimed_by, row.heartbeat_at = "queued", None, None
+
+
+def _queue_lanes(lane: str) -> tuple[str, ...]:
+    if lane not in LANES:
+        raise ValueError(f"lane {lane!r} is not one of {sorted(LANES)}: pass --lane fast, train or all")
+    return QUEUE_LANES if lane == "all" else (lane,)
 
 
 def _merge_payload(old: dict, task_ids: Iterable[int], extra: dict) -> dict:

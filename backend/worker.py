@@ -37,6 +37,7 @@ from backend.reward import is_held_out
 from backend.reward_training import UpdatePolicy, fit_reward_version
 from backend.rl import StepStats, improve_policy, normalised_to_candidates
 from backend.settings import Settings
+from backend.jobqueue import QueueUnavailable
 from backend.store import HEARTBEAT_SECONDS, JOB_LEASE_SECONDS, LANES, MAX_JOB_ATTEMPTS, Job, Store, worker_name
 from backend.sync import sync_project
 
@@ -51,6 +52,7 @@ HELD_OUT_SAMPLES = 16
 # Workers run below the web processes' CPU priority: on 2 cores, a policy update and reward refits beside
 # the web workers put webhook acks at p99 90 ms under 50 requests/s; niced, see docs/queue.md
 WORKER_NICENESS = 10
+QUEUE_RETRY_SECONDS = 5.0  # between tries to reach a job queue that is down
 
 
 class Worker:
@@ -394,7 +396,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
         torch.set_num_threads(threads)
     os.nice(WORKER_NICENESS)  # the web layer answers Label Studio first: its webhooks wait 1 s, never retried
     torch.manual_seed(settings.seed)
-    store = Store(settings.store_url)
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     worker_id = worker_name(os.getpid())
     heartbeat = Heartbeat(store, worker_id)
@@ -407,12 +409,15 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     next_lease_check = 0.0
     try:
         while not stop.is_set():
-            if time.monotonic() >= next_lease_check:  # any worker retries the jobs of one that died
-                requeued = store.requeue_stale_jobs(JOB_LEASE_SECONDS, MAX_JOB_ATTEMPTS)
-                if requeued:
-                    log.warning("%d job(s) whose worker stopped beating were requeued or failed", requeued)
-                next_lease_check = time.monotonic() + JOB_LEASE_SECONDS / 4
-            job = store.claim_job(worker_id, LANES[lane])
+            try:
+                if time.monotonic() >= next_lease_check:
+                    recover_jobs(store, lane)
+                    next_lease_check = time.monotonic() + JOB_LEASE_SECONDS / 4
+                job = store.claim_job(worker_id, lane)
+            except QueueUnavailable as exc:  # the jobs wait in the store; so does this worker, for the queue
+                log.warning("%s; trying again in %.0fs", exc, QUEUE_RETRY_SECONDS)
+                stop.wait(QUEUE_RETRY_SECONDS)
+                continue
             if job is None:
                 stop.wait(poll_seconds)
                 continue
@@ -422,6 +427,17 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     finally:
         heartbeat.stop.set()
         store.retire_worker(worker_id)
+
+
+def recover_jobs(store: Store, lane: str) -> None:
+    """What any worker does now and then for all: retry the jobs of workers that died (their lease ran
+    out), and announce again the queued jobs whose message the queue lost."""
+    requeued = store.requeue_stale_jobs(JOB_LEASE_SECONDS, MAX_JOB_ATTEMPTS)
+    if requeued:
+        log.warning("%d job(s) whose worker stopped beating were requeued or failed", requeued)
+    announced = store.announce_lost_jobs(lane)
+    if announced:
+        log.warning("%d queued job(s) had lost their message on the queue: announced again", announced)
 
 
 def run_job(worker: Worker, store: Store, job: Job) -> None:

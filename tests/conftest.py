@@ -88,6 +88,29 @@ def postgres_server():
     stop()
 
 
+@pytest.fixture(scope="session")
+def redis_server():
+    """A throwaway Redis server for the session (Debian's redis-server, from make debian-tools)."""
+    import tempfile
+
+    from backend.local_servers import start_redis
+
+    url, stop = start_redis(Path(tempfile.mkdtemp(prefix="rlhf-redis-")))
+    yield url
+    stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied and its command counts reset: each test sees only its own queues."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.config_resetstat()
+    return redis_server
+
+
 @pytest.fixture
 def postgres_database(postgres_server, request) -> str:
     """A fresh, empty database on the session's PostgreSQL server."""

@@ -290,9 +290,9 @@ def test_metrics_parse_as_prometheus_text_with_latency_per_route_lane_depth_and_
 
     client.post("/webhook", json=payload("webhook_ANNOTATION_CREATED_ranker"))  # queues fit_reward (fast lane)
     store.enqueue("train_policy", 1)
-    done = store.enqueue("generate", 1, task_ids=[1])
-    store.claim_job("w", {"generate"})
-    store.finish_job(done)
+    store.enqueue("generate", 1, task_ids=[1])
+    done = store.claim_job("w", "fast")  # the refit: it goes first
+    store.finish_job(done.id)
     client.get("/health")
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))}
     routes = {s.labels["route"] for s in families["rlhf_http_request_seconds"].samples}
@@ -300,7 +300,7 @@ def test_metrics_parse_as_prometheus_text_with_latency_per_route_lane_depth_and_
     depth = {s.labels["lane"]: s.value for s in families["rlhf_lane_queued_jobs"].samples}
     assert depth == {"fast": 1, "train": 1}
     counts = [s for s in families["rlhf_job_duration_seconds"].samples if s.name.endswith("_count")]
-    assert [(s.labels["kind"], s.value) for s in counts] == [("generate", 1.0)]
+    assert [(s.labels["kind"], s.value) for s in counts] == [("fit_reward", 1.0)]
 
 
 def test_a_task_without_candidates_gets_an_empty_prediction_with_its_reason(client):

@@ -123,7 +123,7 @@ def test_train_wait_follows_the_update_with_a_progress_bar_and_its_events(env):
     store.create_schema()
 
     def worker() -> None:  # stands in for the train lane: two steps, then the outcome
-        while (job := store.claim_job("w", {"train_policy"})) is None:
+        while (job := store.claim_job("w", "train")) is None:
             time.sleep(0.1)
         for step in (1, 2):
             store.log_event("ppo_step", f"ppo step {step}", project=1, step=step, planned_steps=2)

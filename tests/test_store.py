@@ -18,75 +18,88 @@ def store(store_url) -> Store:
     return store
 
 
-def test_a_burst_of_jobs_of_one_kind_folds_into_one_queued_job(store):
-    ids = {store.enqueue("generate", 1, task_ids=[i]) for i in range(5)}
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+def job_store(request, tmp_path) -> Store:
+    """An empty store on each job queue: SQLite's file beside it (default), PostgreSQL's tables in its
+    database, and a real Redis server (REDIS_URL) beside a SQLite store."""
+    if request.param == "postgresql":
+        store = Store(request.getfixturevalue("postgres_database"))
+    else:
+        redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+        store = Store(f"sqlite:///{tmp_path / 'store.sqlite3'}", redis_url)
+    store.create_schema()
+    return store
+
+
+def test_a_burst_of_jobs_of_one_kind_folds_into_one_queued_job(job_store):
+    ids = {job_store.enqueue("generate", 1, task_ids=[i]) for i in range(5)}
     assert len(ids) == 1
-    job = store.claim_job("w")
+    job = job_store.claim_job("w")
     assert job.payload["task_ids"] == [0, 1, 2, 3, 4]
-    assert store.claim_job("w") is None
+    assert job_store.claim_job("w") is None
 
 
-def test_jobs_are_claimed_most_urgent_first_and_only_once(store):
-    store.enqueue("train_policy", None)
-    store.enqueue("generate", 1, task_ids=[1])
-    store.enqueue("fit_reward", None)
-    kinds = [store.claim_job(f"w{i}").kind for i in range(3)]
+def test_jobs_are_claimed_most_urgent_first_and_only_once(job_store):
+    job_store.enqueue("train_policy", None)
+    job_store.enqueue("generate", 1, task_ids=[1])
+    job_store.enqueue("fit_reward", None)
+    kinds = [job_store.claim_job(f"w{i}").kind for i in range(3)]
     assert kinds == ["fit_reward", "generate", "train_policy"]
-    assert store.claim_job("w9") is None
+    assert job_store.claim_job("w9") is None
 
 
-def test_a_job_queued_while_another_runs_is_a_new_job(store):
-    first = store.enqueue("fit_reward", None)
-    store.claim_job("w")
-    assert store.enqueue("fit_reward", None) != first
+def test_a_job_queued_while_another_runs_is_a_new_job(job_store):
+    first = job_store.enqueue("fit_reward", None)
+    job_store.claim_job("w")
+    assert job_store.enqueue("fit_reward", None) != first
 
 
-def test_a_job_whose_worker_stopped_beating_is_requeued_and_a_beating_ones_is_not(store):
+def test_a_job_whose_worker_stopped_beating_is_requeued_and_a_beating_ones_is_not(job_store):
     import time
 
-    store.enqueue("fit_reward", None)
-    store.enqueue("generate", 1, task_ids=[1])
-    dead, alive = store.claim_job("dead-worker"), store.claim_job("live-worker")
+    job_store.enqueue("fit_reward", None)
+    job_store.enqueue("generate", 1, task_ids=[1])
+    dead, alive = job_store.claim_job("dead-worker"), job_store.claim_job("live-worker")
     time.sleep(1.5)
-    store.beat("live-worker", alive.id)
-    assert store.requeue_stale_jobs(lease_seconds=1.0, max_attempts=3) == 1
-    assert store.job_state(dead.id) == "queued" and store.job_state(alive.id) == "running"
-    assert store.claim_job("new-worker").id == dead.id
+    job_store.beat("live-worker", alive.id)
+    assert job_store.requeue_stale_jobs(lease_seconds=1.0, max_attempts=3) == 1
+    assert job_store.job_state(dead.id) == "queued" and job_store.job_state(alive.id) == "running"
+    assert job_store.claim_job("new-worker").id == dead.id
 
 
-def test_a_job_that_loses_its_worker_on_every_attempt_fails_with_the_reason(store):
+def test_a_job_that_loses_its_worker_on_every_attempt_fails_with_the_reason(job_store):
     import time
 
-    job_id = store.enqueue("train_policy", None)
+    job_id = job_store.enqueue("train_policy", None)
     for attempt in range(3):
-        assert store.claim_job(f"worker-{attempt}").id == job_id
+        assert job_store.claim_job(f"worker-{attempt}").id == job_id
         time.sleep(0.05)
-        store.requeue_stale_jobs(lease_seconds=0.01, max_attempts=3)
-    assert store.job_state(job_id) == "failed"
-    assert "each of 3 attempts" in store.jobs()[0]["error"] and "worker-2" in store.jobs()[0]["error"]
-    assert store.enqueue("train_policy", None) != job_id  # its key is free again
+        job_store.requeue_stale_jobs(lease_seconds=0.01, max_attempts=3)
+    assert job_store.job_state(job_id) == "failed"
+    assert "each of 3 attempts" in job_store.jobs()[0]["error"] and "worker-2" in job_store.jobs()[0]["error"]
+    assert job_store.enqueue("train_policy", None) != job_id  # its key is free again
 
 
-def test_a_requeued_policy_update_still_absorbs_a_new_trigger(store):
+def test_a_requeued_policy_update_still_absorbs_a_new_trigger(job_store):
     import time
 
-    job_id = store.enqueue("train_policy", 4)
-    store.claim_job("dead-worker")
+    job_id = job_store.enqueue("train_policy", 4)
+    job_store.claim_job("dead-worker")
     time.sleep(0.05)
-    store.requeue_stale_jobs(lease_seconds=0.01, max_attempts=3)
-    assert store.enqueue("train_policy", 4) == job_id
+    job_store.requeue_stale_jobs(lease_seconds=0.01, max_attempts=3)
+    assert job_store.enqueue("train_policy", 4) == job_id
 
 
-def test_a_worker_stopped_on_purpose_releases_its_job_without_spending_an_attempt(store):
-    job_id = store.enqueue("fit_reward", None)
-    store.claim_job("host:41")
-    store.claim_job("host:4")  # nothing left: another worker's name must not match host:41's jobs
-    assert store.release_jobs_of("host:4", None) == 0 and store.release_jobs_of("host:41", None) == 1
-    assert store.job_state(job_id) == "queued"
+def test_a_worker_stopped_on_purpose_releases_its_job_without_spending_an_attempt(job_store):
+    job_id = job_store.enqueue("fit_reward", None)
+    job_store.claim_job("host:41")
+    job_store.claim_job("host:4")  # nothing left: another worker's name must not match host:41's jobs
+    assert job_store.release_jobs_of("host:4", None) == 0 and job_store.release_jobs_of("host:41", None) == 1
+    assert job_store.job_state(job_id) == "queued"
     for attempt in range(3):  # three crashes: the third fails it, the SIGTERM above did not count
-        store.claim_job(f"host:5{attempt}")
-        assert store.release_jobs_of(f"host:5{attempt}", max_attempts=3) == 1
-    assert store.job_state(job_id) == "failed" and "3 attempts" in store.jobs()[0]["error"]
+        job_store.claim_job(f"host:5{attempt}")
+        assert job_store.release_jobs_of(f"host:5{attempt}", max_attempts=3) == 1
+    assert job_store.job_state(job_id) == "failed" and "3 attempts" in job_store.jobs()[0]["error"]
 
 
 def test_live_workers_are_those_that_beat_recently(store):
@@ -102,11 +115,11 @@ def test_live_workers_are_those_that_beat_recently(store):
                                                       "beat_at": store.live_workers(60)[0]["beat_at"]}]
 
 
-def test_failed_job_keeps_its_reason(store):
-    store.enqueue("fit_reward", None)
-    job = store.claim_job("w")
-    store.finish_job(job.id, error="ValueError: boom")
-    assert store.jobs()[0]["error"] == "ValueError: boom" and store.job_counts() == {"failed": 1}
+def test_failed_job_keeps_its_reason(job_store):
+    job_store.enqueue("fit_reward", None)
+    job = job_store.claim_job("w")
+    job_store.finish_job(job.id, error="ValueError: boom")
+    assert job_store.jobs()[0]["error"] == "ValueError: boom" and job_store.job_counts() == {"failed": 1}
 
 
 def test_next_version_counts_up_per_kind_and_project(store):
@@ -288,14 +301,56 @@ def test_a_deleted_project_stops_its_queued_jobs_and_keeps_its_pairs(store):
     assert store.pair_count(project_id=1) == 1  # still exportable
 
 
-def test_a_lane_claims_only_its_kinds_of_job(store):
-    from backend.store import LANES
+def test_a_lane_claims_only_its_kinds_of_job(job_store):
+    update = job_store.enqueue("train_policy", None)  # queued first, but not the fast lane's
+    generate = job_store.enqueue("generate", 1, task_ids=[1])
+    assert job_store.claim_job("fast", "fast").id == generate
+    assert job_store.claim_job("fast", "fast") is None
+    assert job_store.claim_job("train", "train").id == update
 
-    update = store.enqueue("train_policy", None)  # queued first, but not the fast lane's
-    generate = store.enqueue("generate", 1, task_ids=[1])
-    assert store.claim_job("fast", LANES["fast"]).id == generate
-    assert store.claim_job("fast", LANES["fast"]) is None
-    assert store.claim_job("train", LANES["train"]).id == update
+
+def test_a_duplicate_message_runs_its_job_once(job_store):
+    job_id = job_store.enqueue("fit_reward", 1)
+    job_store.queue.announce("fast", job_id, priority=0)  # as a second announcement of a lost message does
+    assert job_store.claim_job("w1").id == job_id
+    assert job_store.claim_job("w2") is None and job_store.queue.pending("fast") == 0
+
+
+def test_a_queued_job_whose_message_was_lost_is_announced_again_once_the_queue_is_empty(job_store):
+    import time
+
+    lost = job_store.enqueue("generate", 1, task_ids=[1])
+    assert job_store.queue.take("fast") == lost  # a worker took the message and died before claiming the job
+    waiting = job_store.enqueue("train_policy", 1)  # its message is on the train queue: not announced twice
+    assert job_store.announce_lost_jobs("all", older_than=60) == 0  # too young: its message may be in flight
+    time.sleep(0.05)
+    assert job_store.announce_lost_jobs("all", older_than=0.01) == 1
+    assert job_store.claim_job("w", "fast").id == lost
+    assert job_store.claim_job("w", "train").id == waiting and job_store.claim_job("w") is None
+
+
+def test_a_job_queued_while_the_queue_is_down_is_kept_and_announced_when_it_is_back(tmp_path, redis_url):
+    import time
+
+    from backend.jobqueue import QueueUnavailable
+    from backend.local_servers import free_port
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    down = Store(url, f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    down.create_schema()
+    job_id = down.enqueue("fit_reward", 3)  # what a webhook does: it must still be answered
+    with pytest.raises(QueueUnavailable, match="could not read the redis queue of lane fast"):
+        down.claim_job("w")
+    up = Store(url, redis_url)
+    time.sleep(0.05)
+    assert up.claim_job("w") is None and up.announce_lost_jobs("fast", older_than=0.01) == 1
+    assert up.claim_job("w").id == job_id
+
+
+def test_queue_messages_are_json_job_ids_and_anything_else_is_dropped(job_store):
+    job_id = job_store.enqueue("fit_reward", 1)
+    job_store.queue.lane("fast").enqueue(b"\x80\x04pickled", 5)  # taken first: a higher priority
+    assert job_store.claim_job("w").id == job_id
 
 
 def test_reads_do_not_wait_for_a_writer_holding_the_lock(store_url):

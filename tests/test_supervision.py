@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import requests
 from test_worker import seed_project
 
@@ -17,18 +18,21 @@ from backend.settings import load_settings
 from backend.store import Store
 
 
-
 def worker_pids(store: Store, job_id: int | None = None) -> set[int]:
     """Live workers' pids; with `job_id`, only the one running it."""
     return {int(w["id"].rsplit(":", 1)[1]) for w in store.live_workers(within_seconds=15)
             if job_id is None or w["job"] == job_id}
 
 
-def test_a_worker_killed_mid_update_is_restarted_and_its_job_retried(tiny_env):
+@pytest.mark.parametrize("queue", ["sqlite", "redis"])
+def test_a_worker_killed_mid_update_is_restarted_and_its_job_retried(tiny_env, queue, request):
     # 400 tiny steps (about 25 s here; 60 finished before the kill) to be killed in the middle of; no
     # Label Studio: regeneration afterwards may fail
     env = {**tiny_env, "PPO_STEPS": "400", "PPO_TRIGGER_PAIRS": "1000000", "LABEL_STUDIO_URL": "http://127.0.0.1:9"}
-    store = Store(load_settings(env).store_url)
+    if queue == "redis":
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
+    settings = load_settings(env)
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     seed_project(store, annotated=30)
     backend = start_backend(env)
@@ -64,7 +68,7 @@ def test_a_worker_killed_mid_update_is_restarted_and_its_job_retried(tiny_env):
         for version in store.versions("policy", 1):
             assert (Path(version.path) / "config.json").exists(), version
         health = requests.get(f"{backend.url}/health", timeout=5).json()
-        assert health["status"] == "UP" and health["training_workers"]["alive"] == 2
+        assert health["status"] == "UP" and health["training_workers"]["alive"] == 2 and health["queue"] == queue
         assert "rlhf_training_workers_alive 2.0" in requests.get(f"{backend.url}/metrics", timeout=5).text
     finally:
         backend.stop()

@@ -1,5 +1,6 @@
-"""Two worker processes on one store, SQLite and PostgreSQL: every job runs once, every trigger
-queues one policy update per project, and each project's loop stays its own."""
+"""Two worker processes on one store, SQLite and PostgreSQL, and on PostgreSQL with a real Redis as the
+job queue (as workers on other machines run): every job runs once, every trigger queues one policy
+update per project, and each project's loop stays its own."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECTS = (1, 2, 3)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql+redis"])
 def shared_env(request, tiny_env) -> dict:
     env = {**tiny_env, "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "unused"}
-    if request.param == "postgresql":
+    if request.param.startswith("postgresql"):
         env["DATABASE_URL"] = request.getfixturevalue("postgres_database")
+    if request.param.endswith("redis"):
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
     return env
 
 
@@ -51,7 +54,8 @@ def start_worker(env: dict, log: Path) -> subprocess.Popen:
 
 
 def test_two_workers_run_each_job_once_and_each_trigger_queues_one_update_per_project(shared_env, tmp_path):
-    store = Store(load_settings(shared_env).store_url)
+    settings = load_settings(shared_env)
+    store = Store(settings.store_url, settings.redis_url)
     store.create_schema()
     for project_id in PROJECTS:
         seed(store, project_id)
@@ -80,3 +84,10 @@ def test_two_workers_run_each_job_once_and_each_trigger_queues_one_update_per_pr
         assert [v.version for v in store.versions("reward", project_id)] == [1]
         assert [v.version for v in store.versions("policy", project_id)] == [0, 1]
         assert len(store.events_of(project_id, ["ppo"], limit=10)) == 1
+    if settings.redis_url:  # every job's id went through Redis, none through queue tables in the database
+        import redis
+        from sqlalchemy import inspect
+
+        stats = redis.Redis.from_url(settings.redis_url).info("commandstats")
+        assert stats["cmdstat_zadd"]["calls"] >= len(jobs) and stats["cmdstat_zpopmin"]["calls"] >= len(jobs)
+        assert not [t for t in inspect(store.engine).get_table_names() if t.startswith("rlhf_queue")]
