@@ -52,15 +52,18 @@ def _settings():
 @cli.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to bind"),
           port: int = typer.Option(9090, help="Port to bind"),
-          workers: int = typer.Option(2, help="gunicorn web workers")) -> None:
-    """Serve the ML backend with gunicorn, plus one training worker process."""
+          workers: int = typer.Option(2, help="gunicorn web workers"),
+          worker: bool = typer.Option(True, help="Also run the supervised training workers (--no-worker: they run "
+                                                 "elsewhere, as `rlhf-backend worker`, on one store and queue)")) -> None:
+    """Serve the ML backend with gunicorn, plus the training workers."""
     settings = _settings()  # fail here, with one line, rather than inside every gunicorn worker
     if not is_loopback(host) and settings.basic_auth is None and not settings.allow_unauthenticated:
         typer.echo(f"error: --host {host} would let anyone who reaches port {port} write into your Label Studio "
                    "tasks and train on forged rankings: set BASIC_AUTH_USER and BASIC_AUTH_PASS (and enter them "
                    "in Label Studio's model connection), or ALLOW_UNAUTHENTICATED=true on a trusted network", err=True)
         raise typer.Exit(2)
-    args = [sys.executable, "-m", "gunicorn", "-c", "python:backend.gunicorn_conf",
+    config = "python:backend.gunicorn_conf" if worker else "python:backend.gunicorn_web"
+    args = [sys.executable, "-m", "gunicorn", "-c", config,
             "--bind", f"{host}:{port}", "--workers", str(workers), "backend.wsgi:app"]
     os.execv(sys.executable, args)
 

@@ -1,8 +1,10 @@
 """Candidate generation: prompts in, `Candidate` records (K sampled completions each) out.
 
-Prompts are rendered with the tokenizer's chat template when it has one (instruct models),
-left-padded and generated in batches across prompts; each candidate records the policy
-version that wrote it, so later stages can tell which policy an annotator judged.
+Prompts are rendered with the tokenizer's chat template when it has one (instruct models). One
+interface, `Generator`, has two engines: the batched transformers generator (the default; prompts
+left-padded and generated in batches across prompts and tasks) and vLLM (`GENERATION_ENGINE=vllm`,
+on a CUDA GPU with the `vllm` extra). Each candidate records the policy version that wrote it, so
+later stages can tell which policy an annotator judged.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -85,19 +88,77 @@ def sample_completions(
     return completions
 
 
+class Generator(Protocol):
+    """An engine that samples completions: `num_samples` for each prompt, in the prompts' order."""
+
+    name: str
+
+    def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int,
+               temperature: float) -> list[list[str]]: ...
+
+
+@dataclass
+class TransformersGenerator:
+    """The default engine: `model.generate` on the policy as loaded, `batch_size` prompts at a time."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    batch_size: int = 8
+    name: str = "transformers"
+
+    def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int,
+               temperature: float) -> list[list[str]]:
+        return sample_completions(self.model, self.tokenizer, prompts, num_samples, max_new_tokens, temperature,
+                                  self.batch_size)
+
+
+class VLLMGenerator:
+    """vLLM on a CUDA GPU: continuous batching over every prompt of a job, with paged attention.
+
+    One instance serves one policy version's directory (published versions are whole models, LoRA merged):
+    a new version gets a new instance, and the registry drops the old one."""
+
+    name = "vllm"
+
+    def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                 gpu_memory_utilization: float = 0.3):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise RuntimeError("GENERATION_ENGINE=vllm needs vLLM: pip install -e '.[vllm]' on a machine with a "
+                               "CUDA GPU, or set GENERATION_ENGINE=transformers") from None
+        if not torch.cuda.is_available():
+            raise RuntimeError("GENERATION_ENGINE=vllm needs a CUDA GPU and none is visible: set "
+                               "GENERATION_ENGINE=transformers on this machine")
+        self.tokenizer = tokenizer
+        # the training worker shares the GPU: vLLM takes a fixed share of its memory, not all of it
+        self.llm = LLM(model=path, tokenizer=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+
+    def sample(self, prompts: list[str], num_samples: int, max_new_tokens: int,
+               temperature: float) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        # plain sampling, as the transformers engine: no top-k, no nucleus (PPO's log-probs assume it)
+        params = SamplingParams(n=num_samples, temperature=temperature, top_p=1.0, top_k=-1,
+                                max_tokens=max_new_tokens, skip_special_tokens=True)
+        outputs = self.llm.generate([render_prompt(self.tokenizer, p) for p in prompts], params, use_tqdm=False)
+        return [[completion.text.strip() for completion in output.outputs] for output in outputs]
+
+
 def generate_candidates(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    generator: Generator,
     prompts: list[str],
     *,
     num_candidates: int,
     max_new_tokens: int,
     policy_version: int,
     temperature: float = 1.0,
-    batch_size: int = 8,
 ) -> list[list[Candidate]]:
     """K candidates for each prompt, tagged with the policy version that wrote them, with ids new to this call."""
-    samples = sample_completions(model, tokenizer, prompts, num_candidates, max_new_tokens, temperature, batch_size)
+    samples = generator.sample(prompts, num_candidates, max_new_tokens, temperature)
+    if len(samples) != len(prompts) or any(len(bodies) != num_candidates for bodies in samples):
+        raise RuntimeError(f"the {generator.name} engine returned {[len(b) for b in samples]} completions for "
+                           f"{len(prompts)} prompts x {num_candidates}")
     candidates = []
     for bodies in samples:
         generation = uuid.uuid4().hex[:8]

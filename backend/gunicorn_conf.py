@@ -8,9 +8,8 @@ slows a webhook and several web workers never train twice.
 import subprocess
 import sys
 
-bind = "127.0.0.1:9090"
-workers = 2
-timeout = 120  # /predict may embed many candidates; Label Studio itself waits 100 s
+from backend.gunicorn_web import bind, timeout, workers  # noqa: F401  (gunicorn reads them from here)
+
 _training = {}
 
 

@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 from sqlalchemy.exc import IntegrityError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from backend.generation import Generator, TransformersGenerator, VLLMGenerator
 from backend.models import load_causal_lm, load_encoder, resolve_encoder, resolve_policy
 from backend.reward import RewardModel, TextEncoder, load_reward_model
 from backend.settings import Settings
@@ -60,12 +61,29 @@ class LoadedModels(Generic[T]):
             return model
 
 
+def transformers_engine(settings: Settings, policy: LoadedPolicy) -> Generator:
+    return TransformersGenerator(policy.model, policy.tokenizer, batch_size=settings.generation_batch_size)
+
+
+def vllm_engine(settings: Settings, policy: LoadedPolicy) -> Generator:
+    return VLLMGenerator(policy.path, policy.tokenizer, seed=settings.seed)
+
+
+# GENERATION_ENGINE -> how a loaded policy becomes a generator of candidates
+ENGINES: dict[str, Callable[[Settings, LoadedPolicy], Generator]] = {
+    "transformers": transformers_engine, "vllm": vllm_engine}
+
+
 class ModelRegistry:
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store,
+                 engines: dict[str, Callable[[Settings, LoadedPolicy], Generator]] | None = None):
         self.settings, self.store = settings, store
+        self.engines = ENGINES if engines is None else engines
         self._encoder: TextEncoder | None = None
         self._rewards: LoadedModels[RewardModel] = LoadedModels(settings.max_loaded_policies)
         self._policies: LoadedModels[LoadedPolicy] = LoadedModels(settings.max_loaded_policies)
+        # an engine holds its own copy of the weights (vLLM's on the GPU): one per published version in use
+        self._generators: LoadedModels[Generator] = LoadedModels(settings.max_loaded_policies)
 
     # --- versions, straight from the store ---
     def policy_version(self, project_id: int) -> int:
@@ -125,3 +143,8 @@ class ModelRegistry:
         # two projects may serve the same files under different version numbers
         return loaded if loaded.version == latest.version else LoadedPolicy(latest.version, latest.path,
                                                                             loaded.model, loaded.tokenizer)
+
+    def generator(self, policy: LoadedPolicy) -> Generator:
+        """The GENERATION_ENGINE's generator of this policy version; a newly published version gets a new one."""
+        engine = self.engines[self.settings.generation_engine]
+        return self._generators.get(policy.path, lambda: engine(self.settings, policy))

@@ -38,6 +38,8 @@ class Settings(BaseModel):
     max_new_tokens: int = Field(48, ge=1, le=1024, description="Tokens generated per candidate")
     temperature: float = Field(1.0, gt=0, le=2.0, description="Sampling temperature of candidate generation")
     generation_batch_size: int = Field(8, ge=1, le=256, description="Prompts generated together in one batch")
+    generation_engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Candidate generation: batched transformers generate, or vLLM (a CUDA GPU and the vllm extra; docs/scaling.md)")
     max_loaded_policies: int = Field(
         2, ge=1, le=64, description="Policies each process keeps loaded (least recently used goes); projects on one version share one")
 

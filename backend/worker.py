@@ -56,9 +56,9 @@ QUEUE_RETRY_SECONDS = 5.0  # between tries to reach a job queue that is down
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, registry: ModelRegistry | None = None):
         self.settings, self.store = settings, store
-        self.registry = ModelRegistry(settings, store)
+        self.registry = registry or ModelRegistry(settings, store)
         self.update_policy = UpdatePolicy(replay_pairs=settings.reward_replay_pairs,
                                           full_refit_every=settings.reward_full_refit_every)
         self.finetune_base = resolve_encoder(settings.reward_model) if settings.reward_tier == "finetune" else None
@@ -123,10 +123,9 @@ class Worker:
         ids = sorted(todo)
         count = min(self.settings.num_candidates, schema.max_candidates or self.settings.num_candidates)
         candidates = generate_candidates(
-            policy.model, policy.tokenizer, [str(todo[t].get(schema.prompt_field, "")) for t in ids],
+            self.registry.generator(policy), [str(todo[t].get(schema.prompt_field, "")) for t in ids],
             num_candidates=count, max_new_tokens=self.settings.max_new_tokens,
             policy_version=policy.version, temperature=self.settings.temperature,
-            batch_size=self.settings.generation_batch_size,
         )
         # before the first reward model there is no belief to pre-order by: Label Studio asks /predict later
         reward = self.registry.reward_model(job.project_id) if self.registry.reward_version(job.project_id) else None

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.generation import generate_candidates, render_prompt  # noqa: E402
+from backend.generation import TransformersGenerator, generate_candidates, render_prompt  # noqa: E402
 from backend.models import load_causal_lm, resolve_policy  # noqa: E402
 
 PROMPTS = ["How many legs does a spider have?", "Give me a tip for learning to cook.", "What is the capital of Peru?",
@@ -50,8 +50,8 @@ def main() -> None:
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)
 
     def batched() -> None:
-        generate_candidates(model, tokenizer, prompts, num_candidates=args.candidates,
-                            max_new_tokens=args.max_new_tokens, policy_version=0, batch_size=8)
+        generate_candidates(TransformersGenerator(model, tokenizer, batch_size=8), prompts,
+                            num_candidates=args.candidates, max_new_tokens=args.max_new_tokens, policy_version=0)
 
     def per_prompt() -> None:  # the seed demo's approach: one pipeline call per prompt
         for prompt in prompts:

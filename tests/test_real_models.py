@@ -10,7 +10,7 @@ import pytest
 import numpy as np
 import torch
 
-from backend.generation import generate_candidates
+from backend.generation import TransformersGenerator, generate_candidates
 from backend.models import (
     DEFAULT_ENCODER,
     DEFAULT_POLICY,
@@ -45,7 +45,7 @@ def test_bundled_smollm2_converts_to_a_plain_checkpoint_that_writes_english_cand
     assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model.config, "quantization_config")
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     torch.manual_seed(0)
-    out = generate_candidates(model, tokenizer, ["What is the capital of France?", "Name a fruit."],
+    out = generate_candidates(TransformersGenerator(model, tokenizer), ["What is the capital of France?", "Name a fruit."],
                               num_candidates=2, max_new_tokens=16, policy_version=0)
     bodies = [c.body for cands in out for c in cands]
     assert len(bodies) == 4 and all(bodies)

@@ -55,3 +55,23 @@ def test_a_staging_directory_left_by_a_killed_writer_goes_at_the_next_publish(tm
         (staging / "config.json").write_text("{}")
     assert not abandoned.exists() and live.exists()  # a recent one may still be written to
     assert (tmp_path / "v0005" / "config.json").exists()
+
+
+def test_the_configured_engine_generates_for_each_published_version_one_engine_each(tiny_env, tmp_path):
+    settings = load_settings({**tiny_env, "GENERATION_ENGINE": "vllm"})
+    store = Store(settings.store_url)
+    store.create_schema()
+    built = []
+
+    def fake_vllm(settings, policy):  # stands in for vLLM on a machine without a GPU
+        built.append(policy.path)
+        return f"engine for v{policy.version}"
+
+    registry = ModelRegistry(settings, store, engines={"transformers": None, "vllm": fake_vllm})
+    base = registry.policy(1)
+    assert registry.generator(base) == "engine for v0" and registry.generator(registry.policy(1)) == "engine for v0"
+    base.model.save_pretrained(tmp_path / "p1")
+    base.tokenizer.save_pretrained(tmp_path / "p1")
+    store.publish_version("policy", 1, 1, str(tmp_path / "p1"), pairs_seen=0, metrics={})
+    assert registry.generator(registry.policy(1)) == "engine for v1"  # a new version: a new engine
+    assert built == [base.path, str(tmp_path / "p1")]
