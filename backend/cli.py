@@ -75,7 +75,8 @@ def worker(lane: str = typer.Option("split", help="Jobs to run: 'split' = a fast
            supervised: bool = typer.Option(True, help="Restart workers whenever they die (--no-supervised: run one "
                                                       "worker process in the foreground)"),
            threads: int = typer.Option(0, help="torch threads when TORCH_THREADS is 0 (auto); 'split' gives each "
-                                               "lane half the cores")) -> None:
+                                               "lane half the cores, and the train lane every core while the "
+                                               "fast lane idles")) -> None:
     """Run the training workers (generation, reward fitting, policy updates); several may share one store."""
     configure_logging()
     settings = _settings()

@@ -9,9 +9,12 @@ later stages can tell which policy an annotator judged.
 
 from __future__ import annotations
 
+import copy
 import logging
 import uuid
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -110,6 +113,40 @@ class TransformersGenerator:
                temperature: float) -> list[list[str]]:
         return sample_completions(self.model, self.tokenizer, prompts, num_samples, max_new_tokens, temperature,
                                   self.batch_size)
+
+
+@cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume no native bfloat16
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware (AVX512-BF16 or AMX on CPUs, Ampere+ GPUs);
+    elsewhere bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def generation_dtype(name: str, device: torch.device) -> torch.dtype:
+    """GENERATION_DTYPE -> the dtype the transformers engine generates in."""
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def transformers_generator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8,
+                           dtype: torch.dtype = torch.float32) -> TransformersGenerator:
+    """The transformers engine in `dtype`: a copy of the weights when that is not the policy's own dtype,
+    so the float32 policy that training and the held-out checks read stays untouched."""
+    if dtype != model.dtype:
+        model = copy.deepcopy(model).to(dtype)
+    return TransformersGenerator(model, tokenizer, batch_size=batch_size)
 
 
 class VLLMGenerator:

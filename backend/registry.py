@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from sqlalchemy.exc import IntegrityError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from backend.generation import Generator, TransformersGenerator, VLLMGenerator
+from backend.generation import Generator, VLLMGenerator, generation_dtype, transformers_generator
 from backend.models import load_causal_lm, load_encoder, resolve_encoder, resolve_policy
 from backend.reward import RewardModel, TextEncoder, load_reward_model
 from backend.settings import Settings
@@ -62,7 +62,8 @@ class LoadedModels(Generic[T]):
 
 
 def transformers_engine(settings: Settings, policy: LoadedPolicy) -> Generator:
-    return TransformersGenerator(policy.model, policy.tokenizer, batch_size=settings.generation_batch_size)
+    dtype = generation_dtype(settings.generation_dtype, policy.model.device)
+    return transformers_generator(policy.model, policy.tokenizer, settings.generation_batch_size, dtype)
 
 
 def vllm_engine(settings: Settings, policy: LoadedPolicy) -> Generator:

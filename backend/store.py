@@ -573,6 +573,13 @@ class Store:
                                                         JobRow.state.in_(["queued", "running"]))
             return bool(s.scalar(query))
 
+    def lane_busy(self, lane: str, host: str) -> bool:
+        """Whether a job of `lane` waits, or runs on a worker of machine `host`."""
+        with self.reading() as s:
+            return bool(s.scalar(select(func.count(JobRow.id)).where(
+                JobRow.kind.in_(sorted(LANES[lane])),
+                or_(JobRow.state == "queued", (JobRow.state == "running") & JobRow.claimed_by.like(f"{host}:%")))))
+
     def claim_job(self, worker_id: str, lane: str = "all") -> Job | None:
         """The next job the queue of `lane` (LANES) hands this worker, moved to running in the store;
         None when the lane's queues are empty. A message of a job that is no longer queued (a duplicate,

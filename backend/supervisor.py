@@ -36,10 +36,7 @@ class Child:
 def supervise(commands: list[list[str]], store: Store, grace_seconds: float = 20.0,
               stop: threading.Event | None = None) -> None:
     """Run every command (one per lane) until `stop` is set (or SIGTERM/SIGINT), restarting each that exits."""
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_termination(stop or threading.Event())
     children = [Child(command) for command in commands]
     while not stop.is_set():
         for child in children:
@@ -50,6 +47,15 @@ def supervise(commands: list[list[str]], store: Store, grace_seconds: float = 20
                 restart_later(child, store)
         stop.wait(0.5)
     stop_children([child.process for child in children if child.process is not None], store, grace_seconds)
+
+
+def stop_on_termination(stop: threading.Event) -> threading.Event:
+    """SIGTERM and SIGINT set `stop` (from the main thread only: Python delivers signals there), so the
+    loop that polls it ends its current work and exits cleanly."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def restart_later(child: Child, store: Store) -> None:

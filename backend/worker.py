@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -39,6 +39,7 @@ from backend.rl import StepStats, improve_policy, normalised_to_candidates
 from backend.settings import Settings
 from backend.jobqueue import QueueUnavailable
 from backend.store import HEARTBEAT_SECONDS, JOB_LEASE_SECONDS, LANES, MAX_JOB_ATTEMPTS, Job, Store, worker_name
+from backend.supervisor import stop_on_termination
 from backend.sync import sync_project
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,30 @@ WORKER_NICENESS = 10
 QUEUE_RETRY_SECONDS = 5.0  # between tries to reach a job queue that is down
 
 
+class CoreShare:
+    """The train lane's torch threads beside a fast lane on the same machine: every core while the fast
+    lane has nothing to do, its share while it has. On 2 cores a PPO step takes about 20 s on both and
+    30-36 s on one, and candidates wait 4.9x longer when both lanes run 2 threads (docs/queue.md).
+    OpenMP threads belong to the thread that sets them, so the training thread itself asks: at each
+    step of an update and before its held-out check."""
+
+    def __init__(self, store: Store, share: int, cores: int):
+        self.store, self.share, self.cores = store, share, cores
+        self.host = socket.gethostname()
+
+    def adjust(self) -> int:
+        wanted = self.share if self.store.lane_busy("fast", self.host) else self.cores
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        return wanted
+
+
 class Worker:
-    def __init__(self, settings: Settings, store: Store, registry: ModelRegistry | None = None):
+    def __init__(self, settings: Settings, store: Store, registry: ModelRegistry | None = None,
+                 cores: CoreShare | None = None):
         self.settings, self.store = settings, store
         self.registry = registry or ModelRegistry(settings, store)
+        self.cores = cores  # None: the threads set at start stay
         self.update_policy = UpdatePolicy(replay_pairs=settings.reward_replay_pairs,
                                           full_refit_every=settings.reward_full_refit_every)
         self.finetune_base = resolve_encoder(settings.reward_model) if settings.reward_tier == "finetune" else None
@@ -262,6 +283,7 @@ class Worker:
             return
         self.refit_reward_fully(project_id)
         reward = self.registry.reward_model(project_id)
+        self.share_cores()
         model, tokenizer = load_causal_lm(serving.path)  # a private copy: training must not touch the serving model
         model.to(training_device(settings.train_device))
         self.store.log_event("ppo", f"{settings.rl_algorithm} started from policy v{serving.version} with reward "
@@ -270,6 +292,7 @@ class Worker:
                              reward_version=reward.version, planned_steps=planned_steps(settings))
 
         def on_step(stats: StepStats) -> None:
+            self.share_cores()
             kl = "n/a" if stats.kl is None else f"{stats.kl:.3f}"
             self.store.log_event("ppo_step", f"{settings.rl_algorithm} step {stats.step}: reward "
                                  f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", project=project_id,
@@ -290,6 +313,7 @@ class Worker:
                                  "undone", project=project_id, **metrics)
             return
         # guard rails: held-out prompts the update never saw judge whether the new policy may serve
+        self.share_cores()
         self.store.log_event("evaluation", f"judging the update on {len(held_out)} held-out prompts x "
                              f"{HELD_OUT_SAMPLES} answers from each policy (the longest quiet stretch of an update)",
                              project=project_id, held_out_prompts=len(held_out), samples=HELD_OUT_SAMPLES)
@@ -320,6 +344,10 @@ class Worker:
         self.store.log_event("policy", f"policy v{version} published after {len(stats)} steps ({metrics['guard']})",
                              project=project_id, version=version, **metrics)
         self.store.enqueue("regenerate", project_id)
+
+    def share_cores(self) -> None:
+        if self.cores is not None:
+            self.cores.adjust()
 
     def training_pairs(self, project_id: int, prompts: set[str]) -> tuple[list[str], list[str], list[str]]:
         """The project's pairs on training prompts, as (prompts, chosen, rejected): DPO's data."""
@@ -386,10 +414,10 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     with TORCH_THREADS torch threads if set, else `threads` (0: torch's default)."""
     if lane not in LANES:
         raise ValueError(f"lane {lane!r} is not one of {sorted(LANES)}: pass --lane fast, train or all")
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_termination(stop or threading.Event())
+    # the train lane beside a fast lane with its share of the cores (`worker --lane split`) takes them all
+    # while the fast lane idles; TORCH_THREADS pins the threads instead
+    share_cores = lane == "train" and not settings.torch_threads and 0 < threads < (os.cpu_count() or 1)
     threads = settings.torch_threads or threads
     if threads:
         torch.set_num_threads(threads)
@@ -403,7 +431,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None, poll_sec
     if "sync" in LANES[lane]:
         for project_id in store.project_ids():  # annotations made while no backend listened
             store.enqueue("sync", project_id)
-    worker = Worker(settings, store)
+    worker = Worker(settings, store, cores=CoreShare(store, threads, os.cpu_count()) if share_cores else None)
     log.info("worker %s ready (lane %s)", worker_id, lane)
     next_lease_check = 0.0
     try:

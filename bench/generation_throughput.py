@@ -23,8 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.generation import TransformersGenerator, generate_candidates, render_prompt  # noqa: E402
+from backend.generation import generate_candidates, render_prompt  # noqa: E402
 from backend.models import load_causal_lm, resolve_policy  # noqa: E402
+from backend.registry import LoadedPolicy, transformers_engine  # noqa: E402
+from backend.settings import Settings  # noqa: E402
 
 PROMPTS = ["How many legs does a spider have?", "Give me a tip for learning to cook.", "What is the capital of Peru?",
            "Explain what a rainbow is.", "Suggest a name for a cat.", "How do I boil an egg?",
@@ -48,20 +50,30 @@ def main() -> None:
     from transformers import pipeline
 
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    # the engine the worker builds with the settings a user gets (GENERATION_BATCH_SIZE, GENERATION_DTYPE)
+    settings = Settings()
+    engine = transformers_engine(settings, LoadedPolicy(0, "", model, tokenizer))
 
     def batched() -> None:
-        generate_candidates(TransformersGenerator(model, tokenizer, batch_size=8), prompts,
-                            num_candidates=args.candidates, max_new_tokens=args.max_new_tokens, policy_version=0)
+        generate_candidates(engine, prompts, num_candidates=args.candidates, max_new_tokens=args.max_new_tokens,
+                            policy_version=0)
 
-    def per_prompt() -> None:  # the seed demo's approach: one pipeline call per prompt
+    # the pipeline on the generator's weights too: how much of the gain is the dtype, how much the batching
+    same_dtype = pipeline("text-generation", model=engine.model, tokenizer=tokenizer, device=model.device)
+
+    def per_prompt(pipe=generator) -> None:  # the seed demo's approach: one pipeline call per prompt
         for prompt in prompts:
-            generator(render_prompt(tokenizer, prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                      max_new_tokens=args.max_new_tokens, num_return_sequences=args.candidates,
-                      return_full_text=False, pad_token_id=tokenizer.pad_token_id)
+            pipe(render_prompt(tokenizer, prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                 max_new_tokens=args.max_new_tokens, num_return_sequences=args.candidates,
+                 return_full_text=False, pad_token_id=tokenizer.pad_token_id)
 
-    times: dict[str, list[float]] = {"batched generator": [], "pipeline per prompt": []}
+    runs = {"batched generator": batched, "pipeline per prompt": per_prompt,
+            f"pipeline per prompt, {engine.model.dtype}": lambda: per_prompt(same_dtype)}
+    if engine.model is model:  # the generator runs the policy's own weights: the third run would repeat the second
+        runs.popitem()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
-        for name, run in (("batched generator", batched), ("pipeline per prompt", per_prompt)):
+        for name, run in runs.items():
             torch.manual_seed(0)
             started = time.perf_counter()
             run()
@@ -69,13 +81,15 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     total = args.prompts * args.candidates
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, torch "
-          f"{torch.__version__}; SmolLM2-135M-Instruct fp32; {args.prompts} prompts x {args.candidates} candidates x "
+          f"{torch.__version__}; SmolLM2-135M-Instruct; generator: batches of {settings.generation_batch_size}, "
+          f"{engine.model.dtype}; pipeline: {model.dtype}; {args.prompts} prompts x {args.candidates} candidates x "
           f"{args.max_new_tokens} tokens; median of {args.repeats}\n")
     print("| generator | seconds (runs) | candidates per second |")
     print("|---|---|---|")
     for name, values in times.items():
         print(f"| {name} | {medians[name]:.1f} ({', '.join(f'{v:.1f}' for v in values)}) | {total / medians[name]:.2f} |")
-    print(f"\nratio (pipeline / batched): **{medians['pipeline per prompt'] / medians['batched generator']:.2f}x**")
+    for name in list(runs)[1:]:
+        print(f"\nratio ({name} / batched generator): **{medians[name] / medians['batched generator']:.2f}x**")
 
 
 if __name__ == "__main__":

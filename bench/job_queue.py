@@ -80,9 +80,9 @@ CLAIMER = textwrap.dedent("""
     store = Store(sys.argv[1], sys.argv[2])
     job = None
     while job is None:
-        job = store.claim_job("bench-worker-%s" % sys.argv[3])
+        job = store.claim_job("bench-worker-" + sys.argv[3])
         time.sleep(0.05)
-    store.beat("bench-worker-%s" % sys.argv[3], job.id)
+    store.beat("bench-worker-" + sys.argv[3], job.id)
     time.sleep(%d)
     store.finish_job(job.id)
 """ % TASK_SECONDS)

@@ -84,3 +84,28 @@ def test_vllm_refuses_with_the_fix_where_it_cannot_run(tiny_policy):
     _, tokenizer = load_causal_lm(str(tiny_policy))
     with pytest.raises(RuntimeError, match="GENERATION_ENGINE=transformers"):
         VLLMGenerator(str(tiny_policy), tokenizer)
+
+
+def test_generating_in_bfloat16_uses_a_copy_and_leaves_the_float32_policy_for_training(tiny_policy):
+    import torch
+
+    from backend.generation import transformers_generator
+
+    model, tokenizer = load_causal_lm(str(tiny_policy))
+    engine = transformers_generator(model, tokenizer, batch_size=2, dtype=torch.bfloat16)
+    assert engine.model.dtype == torch.bfloat16 and model.dtype == torch.float32 and engine.model is not model
+    [candidates] = generate_candidates(engine, ["Hi"], num_candidates=2, max_new_tokens=4, policy_version=0)
+    assert len(candidates) == 2
+    assert transformers_generator(model, tokenizer, dtype=torch.float32).model is model  # no copy needed
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_it(monkeypatch):
+    import torch
+
+    from backend import generation
+
+    monkeypatch.setattr(generation, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert generation.generation_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(generation, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert generation.generation_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert generation.generation_dtype("float32", torch.device("cpu")) == torch.float32

@@ -289,3 +289,26 @@ def test_a_404_for_one_task_of_a_live_project_still_fails_the_job(tiny_env):
     with pytest.raises(ApiError):
         worker.run(Job(id=0, kind="sync", project_id=1, payload={}))
     assert not worker.store.project_deleted(1)
+
+
+def test_the_train_lane_takes_every_core_while_the_fast_lane_on_its_machine_is_idle(tiny_env):
+    import socket
+
+    from backend.worker import CoreShare
+
+    worker = make_worker(tiny_env)
+    store, before = worker.store, torch.get_num_threads()
+    cores = CoreShare(store, share=1, cores=2)
+    try:
+        assert cores.adjust() == 2 and torch.get_num_threads() == 2  # nothing for the fast lane to do
+        store.enqueue("train_policy", 1)
+        assert cores.adjust() == 2  # its own lane's work does not count
+        store.enqueue("generate", 1, task_ids=[1])
+        assert cores.adjust() == 1 and torch.get_num_threads() == 1  # candidates wait: give back the core
+        store.claim_job("elsewhere:7", "fast")
+        assert cores.adjust() == 2  # they run on another machine's cores
+        store.enqueue("fit_reward", 1)
+        store.claim_job(f"{socket.gethostname()}:8", "fast")
+        assert cores.adjust() == 1  # and on this machine's
+    finally:
+        torch.set_num_threads(before)
