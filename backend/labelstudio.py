@@ -111,5 +111,10 @@ def prompt_tasks(prompts: list[str], schema: RankingSchema) -> list[dict]:
 
 
 def import_prompts(client: LabelStudio, project_id: int, prompts: list[str], schema: RankingSchema) -> list[int]:
-    response = client.projects.import_tasks(id=project_id, request=prompt_tasks(prompts, schema), return_task_ids=True)
+    return import_tasks(client, project_id, prompt_tasks(prompts, schema))
+
+
+def import_tasks(client: LabelStudio, project_id: int, tasks: list[dict]) -> list[int]:
+    """Create tasks (`{"data": ...}` each) in the project; returns their ids, in order."""
+    response = client.projects.import_tasks(id=project_id, request=tasks, return_task_ids=True)
     return list(response.task_ids or [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from backend.labelconfig import RANKER, RankingSchema
+from backend.promotion import PROMOTION_FIELD
 from backend.reward import RewardModel, ranking_confidence
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def rank_prediction(task: dict, schema: RankingSchema, reward: RewardModel, mode
     # Pre-ordering is what a Ranker shows; which bucket, side or stars a score means is the annotators' call
     if schema.kind != RANKER:
         return empty(model_version, f"the label config is a {schema.kind} template: only a Ranker is pre-ordered")
+    if PROMOTION_FIELD in data:  # the annotators judge two policies: the reward model's belief must not show
+        return empty(model_version, "a blind comparison of two policies: not pre-ordered")
     if not candidates:
         return empty(model_version, f"the task has no candidates with ids in '{schema.candidates_field}' yet: the "
                                     "backend writes them after TASKS_CREATED")

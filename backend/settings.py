@@ -77,6 +77,10 @@ class Settings(BaseModel):
         0.5, gt=0, description="Publish no policy whose held-out answers' NLL under the serving one rose more (nats/token)")
     ppo_min_reward_gain: float = Field(
         0.0, description="Publish a policy only if its held-out reward rose by more than this beyond 1.64 standard errors (negative: experiments only)")
+    policy_promotion: Literal["auto", "human"] = Field(
+        "auto", description="auto: a policy past the guard rails serves at once; human: only once annotators prefer it in blind comparisons (docs/policy.md)")
+    promotion_comparisons: int = Field(
+        12, ge=5, le=500, description="Blind comparisons (held-out prompts, new against serving answer) put to annotators with POLICY_PROMOTION=human")
     dpo_beta: float = Field(0.1, gt=0, description="DPO's beta: how strongly the KL to the serving policy holds the update back")
     dpo_epochs: int = Field(1, ge=1, le=100, description="Passes of DPO over the ranked pairs per policy update")
     dpo_learning_rate: float = Field(1e-4, gt=0, lt=1, description="Learning rate of DPO (LoRA weights)")

@@ -61,7 +61,7 @@ class PolicyUpdate(BaseModel):
     from_version: int | None
     planned_steps: int | None
     steps: list[PolicyStep]
-    outcome: Literal["running", "published", "refused", "failed"]
+    outcome: Literal["running", "awaiting annotators", "published", "refused", "failed"]
     verdict: str  # the guard rails' reason in words, or the failure
     version: int | None  # the published version
     held_out_gain: float | None  # raw reward-model score on held-out prompts, new minus serving
@@ -189,18 +189,32 @@ def policy_updates(events: list[dict]) -> list[PolicyUpdate]:
             open_update["steps"].append(PolicyStep(
                 step=data.get("step", len(open_update["steps"]) + 1), reward=data.get("reward_mean", 0.0),
                 kl=data.get("kl"), nll_rise=(data.get("extra") or {}).get("nll_rise"), seconds=data.get("seconds", 0.0)))
-        elif kind in ("policy", "policy_rejected", "job_failed"):
+        elif kind == "promotion_pending":  # passed the automatic checks; the annotators decide (promotion.py)
             update = open_update if open_update is not None else _new_update(event)
             if open_update is None:
                 updates.append(update)
+            update.update(outcome="awaiting annotators", verdict=event["message"], version=data.get("version"))
+            _record_gain(update, data)
+            open_update = None
+        elif kind in ("policy", "policy_rejected", "job_failed"):
+            # the annotators' verdict settles the update that waited for it
+            waiting = next((u for u in reversed(updates) if u["outcome"] == "awaiting annotators"
+                            and u["version"] == data.get("version")), None) if open_update is None else None
+            update = open_update or waiting or _new_update(event)
+            if open_update is None and waiting is None:
+                updates.append(update)
             update.update(outcome={"policy": "published", "policy_rejected": "refused"}.get(kind, "failed"),
-                          verdict=data.get("guard") if kind == "policy" else event["message"],
+                          verdict=data.get("guard", event["message"]) if kind == "policy" else event["message"],
                           version=data.get("version") if kind == "policy" else None,
                           algorithm=data.get("algorithm", update["algorithm"]))
-            if data.get("reward_new") is not None and data.get("reward_old") is not None:
-                update.update(held_out_gain=data["reward_new"] - data["reward_old"], held_out_gain_se=data.get("reward_se"))
+            _record_gain(update, data)
             open_update = None
     return [PolicyUpdate(**u) for u in updates[-MAX_POLICY_UPDATES:]]
+
+
+def _record_gain(update: dict, data: dict) -> None:
+    if data.get("reward_new") is not None and data.get("reward_old") is not None:
+        update.update(held_out_gain=data["reward_new"] - data["reward_old"], held_out_gain_se=data.get("reward_se"))
 
 
 def _new_update(event: dict) -> dict:

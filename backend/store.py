@@ -425,6 +425,23 @@ class Store:
                                                    AnnotationRow.deleted.is_(False))
             return set(s.scalars(query))
 
+    def annotation_outcomes(self, project_id: int, task_ids: Iterable[int]) -> dict[int, list[list[tuple]]]:
+        """Live, readable annotations of these tasks -> for each, its pairs' (chosen, rejected) policy versions."""
+        task_ids = list(task_ids)
+        with self.reading() as s:
+            annotations = list(s.execute(select(AnnotationRow.id, AnnotationRow.task_id).where(
+                AnnotationRow.project_id == project_id, AnnotationRow.task_id.in_(task_ids),
+                AnnotationRow.deleted.is_(False), AnnotationRow.refused.is_(None))))
+            pairs: dict[int, list[tuple]] = {}
+            for annotation_id, chosen, rejected in s.execute(
+                    select(PairRow.annotation_id, PairRow.chosen_policy_version, PairRow.rejected_policy_version)
+                    .where(PairRow.annotation_id.in_([a for a, _ in annotations]))):
+                pairs.setdefault(annotation_id, []).append((chosen, rejected))
+        outcomes: dict[int, list[list[tuple]]] = {}
+        for annotation_id, task_id in annotations:
+            outcomes.setdefault(task_id, []).append(pairs.get(annotation_id, []))
+        return outcomes
+
     def annotation_records(self) -> dict[int, ledger.AnnotationRecord]:
         with self.reading() as s:
             return {row.id: _annotation_record(row) for row in s.scalars(select(AnnotationRow))}
@@ -473,13 +490,27 @@ class Store:
 
     # --- model versions: one lineage of each kind per project ---
     def publish_version(self, kind: str, project_id: int, version: int, path: str, pairs_seen: int,
-                        metrics: dict) -> int:
+                        metrics: dict, serving: bool = True) -> int:
         """Make `path` the project's newest `kind` model; (project, kind, version) is unique, so two
-        publishers cannot collide."""
+        publishers cannot collide. `serving=False` records it without serving it (a policy the annotators
+        have yet to promote: backend/promotion.py)."""
         with self.session() as s:
             s.add(ModelVersionRow(project_id=project_id, kind=kind, version=version, path=path,
-                                  pairs_seen=pairs_seen, metrics=metrics))
+                                  pairs_seen=pairs_seen, metrics=metrics, retired=not serving))
         return version
+
+    def pending_promotion(self, project_id: int) -> ModelVersion | None:
+        """The project's policy version that waits for the annotators' verdict, if any."""
+        return next((v for v in reversed(self.versions("policy", project_id))
+                     if v.metrics.get("promotion") == "pending"), None)
+
+    def settle_promotion(self, project_id: int, version: int, promoted: bool, **verdict) -> None:
+        """The annotators' verdict on a pending policy: it serves from now on, or it never will."""
+        with self.session() as s:
+            row = s.scalars(select(ModelVersionRow).where(_lineage("policy", project_id),
+                                                          ModelVersionRow.version == version)).one()
+            row.metrics = {**row.metrics, **verdict, "promotion": "promoted" if promoted else "refused"}
+            row.retired = not promoted
 
     def rollback(self, kind: str, project_id: int, version: int) -> int:
         """Serve `version` again in the project by retiring every newer one; returns how many were retired."""

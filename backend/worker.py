@@ -27,10 +27,11 @@ from backend import labelstudio
 from backend.auth import basic_auth_header, webhook_auth_digest
 from backend.evaluation import MIN_HELD_OUT_PROMPTS, compare_on_held_out, should_publish
 from backend.dpo import DPOConfig
-from backend.generation import generate_candidates
+from backend.generation import generate_candidates, sample_completions
 from backend.labelconfig import RankingSchema, parse_ranking_schema
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
 from backend.predictions import rank_prediction
+from backend.promotion import PROMOTION_FIELD, comparison_tasks, decide, tally
 from backend.ppo import PPOConfig
 from backend.registry import ModelRegistry
 from backend.reward import is_held_out
@@ -169,6 +170,8 @@ class Worker:
         versions = self.store.task_policy_versions(job.project_id)
         stale = [t for t in labelstudio.unannotated_task_ids(self.client, job.project_id)
                  if t in versions and versions[t] != current]  # != not <: a rollback serves an older version
+        comparisons = {t for t, data in self.store.tasks(stale).items() if PROMOTION_FIELD in data}
+        stale = [t for t in stale if t not in comparisons]  # blind comparisons keep the two answers they judge
         if stale:
             self.generate(Job(job.id, "generate", job.project_id, {"task_ids": stale, "force": True}))
 
@@ -211,6 +214,7 @@ class Worker:
         held-out prompts. A job without a project (queued before projects had their own loops) fits them all."""
         for project_id in [job.project_id] if job.project_id is not None else self.store.project_ids():
             self.update_reward(project_id)
+            self.judge_promotion(project_id)
             self.queue_policy_update_if_due(project_id)
 
     def update_reward(self, project_id: int, full_refit: bool = False) -> None:
@@ -237,6 +241,8 @@ class Worker:
         model is worth training on."""
         new_pairs = self.store.pair_count(project_id, after_id=self.last_attempt_pair_id(project_id))
         if new_pairs < self.settings.ppo_trigger_pairs or self.store.has_active_job("train_policy", project_id):
+            return
+        if self.store.pending_promotion(project_id) is not None:  # the annotators judge the last update first
             return
         reward = self.store.latest_version("reward", project_id)
         accuracy = reward.metrics.get("held_out_accuracy") if reward else None
@@ -269,6 +275,11 @@ class Worker:
         settings, project_id = self.settings, job.project_id
         if project_id is None:
             raise ValueError("a policy update needs its project: queue train_policy with the Label Studio project id")
+        pending = self.store.pending_promotion(project_id)
+        if pending is not None:  # "Start training" while the annotators judge the last update
+            self.store.log_event("trigger", f"no policy update yet: policy v{pending.version} awaits the annotators' "
+                                 "verdict in its blind comparisons", project=project_id)
+            return
         self.wait_for_syncs(project_id)
         last_pair_id = self.store.max_pair_id(project_id)
         serving = self.registry.policy(project_id)  # publishes v0 on first use
@@ -339,11 +350,70 @@ class Worker:
         with atomic_directory(directory) as staging:  # a killed run never leaves a half-written policy
             trained.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+        if settings.policy_promotion == "human":
+            self.put_to_annotators(project_id, version, serving.version, trained, model, tokenizer, held_out,
+                                   str(directory), metrics)
+            return
         self.store.publish_version("policy", project_id, version, str(directory),
                                    pairs_seen=self.store.pair_count(project_id), metrics=metrics)
         self.store.log_event("policy", f"policy v{version} published after {len(stats)} steps ({metrics['guard']})",
                              project=project_id, version=version, **metrics)
         self.store.enqueue("regenerate", project_id)
+
+    # --- human-gated promotion (backend/promotion.py) ---
+    def put_to_annotators(self, project_id: int, version: int, serving_version: int, trained, serving_model,
+                          tokenizer, held_out: list[str], directory: str, metrics: dict) -> None:
+        """Record the new policy without serving it, and ask the annotators: blind comparisons of its
+        answers against the serving policy's on held-out prompts, as tasks of the project."""
+        answers = {}
+        for offset, (name, model) in enumerate((("new", trained), ("serving", serving_model)), start=1):
+            torch.manual_seed(self.settings.seed + offset)  # seeds of their own: not the held-out check's answers
+            answers[name] = [group[0] for group in sample_completions(model, tokenizer, held_out, 1,
+                                                                     self.settings.max_new_tokens)]
+        # two equal answers can tell nobody anything: the comparisons are the prompts where they differ
+        shown = [(p, new, old) for p, new, old in zip(held_out, answers["new"], answers["serving"])
+                 if new.strip() != old.strip()][: self.settings.promotion_comparisons]
+        if decide(0, 0, 0, outstanding=len(shown)).decision == "refuse":  # too few to ever be significant
+            self.store.log_event("policy_rejected", f"policy not promoted, v{serving_version} keeps serving: its "
+                                 f"answers differ from the serving policy's on {len(shown)} of {len(held_out)} held-out "
+                                 "prompts, too few for annotators to show a preference", project=project_id,
+                                 **metrics)
+            return
+        schema = self.schema(project_id)
+        tasks = comparison_tasks(schema, [p for p, _, _ in shown], [n for _, n, _ in shown], [o for _, _, o in shown],
+                                 candidate=version, serving=serving_version, seed=self.settings.seed + version)
+        task_ids = labelstudio.import_tasks(self.client, project_id, tasks)
+        for task_id, task in zip(task_ids, tasks):  # before the webhook: regeneration must leave them alone
+            self.store.save_task(project_id, task_id, task["data"])
+        self.store.publish_version("policy", project_id, version, directory, pairs_seen=self.store.pair_count(project_id),
+                                   metrics={**metrics, "promotion": "pending", "comparison_tasks": task_ids},
+                                   serving=False)
+        self.store.log_event("promotion_pending", f"policy v{version} passed the automatic checks "
+                             f"({metrics['guard']}); v{serving_version} keeps serving until annotators prefer v{version} "
+                             f"in {len(task_ids)} blind comparisons, added as tasks", project=project_id,
+                             version=version, comparison_tasks=task_ids,
+                             **{k: metrics.get(k) for k in ("algorithm", "reward_new", "reward_old", "reward_se")})
+
+    def judge_promotion(self, project_id: int) -> None:
+        """Promote or refuse the project's pending policy once the annotators' comparisons decide it."""
+        pending = self.store.pending_promotion(project_id)
+        if pending is None:
+            return
+        task_ids = pending.metrics.get("comparison_tasks", [])
+        verdict = tally(self.store.annotation_outcomes(project_id, task_ids), task_ids, pending.version)
+        if verdict.decision == "wait":
+            return
+        numbers = {"wins": verdict.wins, "losses": verdict.losses, "ties": verdict.ties,
+                   "p_value": verdict.p_value, "last_pair_id": pending.metrics.get("last_pair_id", 0)}
+        self.store.settle_promotion(project_id, pending.version, verdict.decision == "promote", verdict=numbers)
+        if verdict.decision == "promote":
+            self.store.log_event("policy", f"policy v{pending.version} promoted: {verdict.describe()}",
+                                 project=project_id, version=pending.version, **numbers)
+            self.store.enqueue("regenerate", project_id)
+        else:
+            self.store.log_event("policy_rejected", f"policy v{pending.version} not promoted, the serving policy "
+                                 f"keeps serving: {verdict.describe()}", project=project_id,
+                                 version=pending.version, **numbers)
 
     def share_cores(self) -> None:
         if self.cores is not None:
