@@ -21,10 +21,12 @@ import logging
 from pathlib import Path
 
 from huey.storage import BaseStorage, MemoryStorage, PostgresStorage, PriorityRedisStorage, SqliteStorage
+from redis import ConnectionPool
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
+REDIS_TIMEOUT_SECONDS = 0.3
 QUEUE_LANES = ("fast", "train")  # the lanes with a queue of their own; lane "all" takes from both, fast first
 
 
@@ -84,8 +86,11 @@ class JobQueue:
 def _backend(store_url: str, redis_url: str):
     """("redis" | "sqlite" | "postgresql" | "memory", a factory of one lane's storage by queue name)."""
     if redis_url:  # validated by the settings
-        # non-blocking pops: a worker of lane "all" polls two queues, and its stop flag stays responsive
-        return "redis", lambda name: PriorityRedisStorage(name=name, url=redis_url, blocking=False)
+        # a webhook that queues a job is answered within Label Studio's 1 s even when Redis is unreachable
+        # (its job is kept in the store); non-blocking pops: a worker of lane "all" polls two queues
+        pool = ConnectionPool.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                                       socket_timeout=REDIS_TIMEOUT_SECONDS)
+        return "redis", lambda name: PriorityRedisStorage(name=name, connection_pool=pool, blocking=False)
     url = make_url(store_url)
     if url.get_backend_name() == "sqlite":
         if not url.database or url.database == ":memory:":  # one process's store: one process's queue
