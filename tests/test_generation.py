@@ -109,3 +109,20 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_it(monkeypatch)
     monkeypatch.setattr(generation, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert generation.generation_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert generation.generation_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_a_prompt_that_exactly_fills_the_room_is_not_reported_as_cut(tiny_policy, caplog):
+    model, tokenizer = load_causal_lm(str(tiny_policy))  # 512 positions, 6 new tokens: room for 506
+
+    def length(prompt: str) -> int:
+        return len(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+
+    prompt = ""
+    while length(prompt) < 506:  # one more character at a time, so the length steps through 506
+        grown = prompt + "a b"[len(prompt) % 3]
+        prompt = grown if length(grown) <= 506 else prompt + "."
+    assert length(prompt) == 506
+    with caplog.at_level("WARNING", logger="backend.generation"):
+        generate_candidates(TransformersGenerator(model, tokenizer), [prompt], num_candidates=2, max_new_tokens=6,
+                            policy_version=0)
+    assert "was cut" not in caplog.text
