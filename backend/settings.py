@@ -94,10 +94,19 @@ class Settings(BaseModel):
     max_request_mb: int = Field(32, ge=1, le=1024, description="Largest request body accepted (MiB); larger gets 413")
     max_predict_tasks: int = Field(
         5000, ge=1, le=1_000_000, description="Most tasks one /predict may carry (Label Studio sends every task it retrieves for in one request)")
+    accelerate_config: str = Field(
+        "", description="An accelerate config (configs/accelerate/): policy updates then train under `accelerate launch` with it (DDP, DeepSpeed; docs/scaling.md)")
     train_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the worker trains policies and runs their held-out check; auto = cuda if available")
     torch_threads: int = Field(0, ge=0, le=256, description="torch threads per worker; 0 = auto (serve's two lanes: half the cores each)")
     seed: int = Field(0, ge=0, description="Seed of sampling and training")
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _check_accelerate_config(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError("no such file: name one of configs/accelerate/*.yaml (or your own), or leave it unset")
+        return value
 
     @field_validator("redis_url")
     @classmethod

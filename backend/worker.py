@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import torch
 from label_studio_sdk.core.api_error import ApiError
@@ -28,7 +30,9 @@ from backend.auth import basic_auth_header, webhook_auth_digest
 from backend.evaluation import MIN_HELD_OUT_PROMPTS, compare_on_held_out, should_publish
 from backend.dpo import DPOConfig
 from backend.generation import generate_candidates, sample_completions
+from backend.jobqueue import QueueUnavailable
 from backend.labelconfig import RankingSchema, parse_ranking_schema
+from backend.launch import launch, write_spec
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
 from backend.predictions import rank_prediction
 from backend.promotion import PROMOTION_FIELD, comparison_tasks, decide, tally
@@ -37,8 +41,7 @@ from backend.registry import ModelRegistry
 from backend.reward import is_held_out
 from backend.reward_training import UpdatePolicy, fit_reward_version
 from backend.rl import StepStats, improve_policy, normalised_to_candidates
-from backend.settings import Settings
-from backend.jobqueue import QueueUnavailable
+from backend.settings import Settings, settings_env
 from backend.store import HEARTBEAT_SECONDS, JOB_LEASE_SECONDS, LANES, MAX_JOB_ATTEMPTS, Job, Store, worker_name
 from backend.supervisor import stop_on_termination
 from backend.sync import sync_project
@@ -297,25 +300,27 @@ class Worker:
         self.share_cores()
         model, tokenizer = load_causal_lm(serving.path)  # a private copy: training must not touch the serving model
         model.to(training_device(settings.train_device))
+        launched = f" under accelerate launch ({settings.accelerate_config})" if settings.accelerate_config else ""
         self.store.log_event("ppo", f"{settings.rl_algorithm} started from policy v{serving.version} with reward "
-                             f"v{reward.version} on {len(train_prompts)} prompts ({len(held_out)} held out)",
+                             f"v{reward.version} on {len(train_prompts)} prompts ({len(held_out)} held out){launched}",
                              project=project_id, algorithm=settings.rl_algorithm, from_version=serving.version,
                              reward_version=reward.version, planned_steps=planned_steps(settings))
 
         def on_step(stats: StepStats) -> None:
             self.share_cores()
-            kl = "n/a" if stats.kl is None else f"{stats.kl:.3f}"
-            self.store.log_event("ppo_step", f"{settings.rl_algorithm} step {stats.step}: reward "
-                                 f"{stats.reward_mean:.3f}, KL {kl}, ETA {stats.eta_seconds:.0f}s", project=project_id,
-                                 planned_steps=planned_steps(settings) or stats.extra.get("max_steps"), **asdict(stats))
+            log_step(self.store, settings, project_id, stats)
 
         # train: the reward in units of the candidates annotators saw (centred per prompt, unit spread)
-        reward_fn = normalised_to_candidates(reward.score, {p: shown[p] for p in train_prompts if shown[p]})
-        trained, stats = improve_policy(settings.rl_algorithm, model, tokenizer, train_prompts, reward_fn,
-                                        ppo_config(settings), group_size=settings.rl_group_size, on_step=on_step,
-                                        pairs=self.training_pairs(project_id, set(train_prompts))
-                                        if settings.rl_algorithm == "dpo" else None,
-                                        dpo_config=dpo_config(settings))
+        candidates = {p: shown[p] for p in train_prompts if shown[p]}
+        pairs = self.training_pairs(project_id, set(train_prompts)) if settings.rl_algorithm == "dpo" else None
+        if settings.accelerate_config:
+            trained, stats = self.launch_update(project_id, serving.path, train_prompts, pairs, candidates)
+            trained.to(model.device)
+        else:
+            trained, stats = improve_policy(settings.rl_algorithm, model, tokenizer, train_prompts,
+                                            normalised_to_candidates(reward.score, candidates), ppo_config(settings),
+                                            group_size=settings.rl_group_size, on_step=on_step, pairs=pairs,
+                                            dpo_config=dpo_config(settings))
         metrics = {"algorithm": settings.rl_algorithm, "reward_version": reward.version, "steps": len(stats),
                    "final_train_kl": stats[-1].kl if stats else None, "last_pair_id": last_pair_id}
         if not stats:  # PPO undid its only update: the "new" policy is the serving one
@@ -415,6 +420,23 @@ class Worker:
                                  f"keeps serving: {verdict.describe()}", project=project_id,
                                  version=pending.version, **numbers)
 
+    def launch_update(self, project_id: int, policy_path: str, prompts: list[str], pairs,
+                      candidates: dict[str, list[str]]):
+        """The training step of an update under `accelerate launch` (backend/launch.py): (trained policy, stats)."""
+        reward = self.store.latest_version("reward", project_id)
+        if reward is None:
+            raise ValueError(f"project {project_id} has no reward model yet: rank some tasks before a policy update")
+        settings = self.settings
+        with tempfile.TemporaryDirectory(prefix=".launch-", dir=settings.model_dir) as work:
+            spec, out = Path(work) / "spec.json", Path(work) / "policy"
+            write_spec(spec, project_id=project_id, policy_path=policy_path, algorithm=settings.rl_algorithm,
+                       ppo_config=ppo_config(settings), dpo_config=dpo_config(settings),
+                       group_size=settings.rl_group_size, prompts=prompts, pairs=pairs, candidates=candidates,
+                       reward_path=reward.path, reward_version=reward.version)
+            stats = launch(settings.accelerate_config, spec, out, settings_env(settings))
+            trained, _ = load_causal_lm(str(out))
+        return trained, stats
+
     def share_cores(self) -> None:
         if self.cores is not None:
             self.cores.adjust()
@@ -434,6 +456,14 @@ class Worker:
                 bodies = [str(c.get("body", "")) for c in schema.candidate_items(data)]
                 prompts.setdefault(prompt, []).extend(b for b in bodies if b)
         return prompts
+
+
+def log_step(store: Store, settings: Settings, project_id: int, stats: StepStats) -> None:
+    """One step of a policy update in the event log (the status page's curves and `train --wait`)."""
+    kl = "n/a" if stats.kl is None else f"{stats.kl:.3f}"
+    store.log_event("ppo_step", f"{settings.rl_algorithm} step {stats.step}: reward {stats.reward_mean:.3f}, KL {kl}, "
+                    f"ETA {stats.eta_seconds:.0f}s", project=project_id,
+                    planned_steps=planned_steps(settings) or stats.extra.get("max_steps"), **asdict(stats))
 
 
 def split_held_out(prompts: list[str]) -> tuple[list[str], list[str]]:

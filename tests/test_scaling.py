@@ -70,3 +70,28 @@ def test_a_ppo_update_runs_on_the_gpu(tiny_env):
     worker.train_policy(job("train_policy"))
     steps = [e for e in worker.store.events(limit=50) if e["kind"] == "ppo_step"]
     assert steps and any(e["kind"] in ("policy", "policy_rejected") for e in worker.store.events(limit=50))
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "ppo"])
+def test_a_policy_update_under_accelerate_launch_is_judged_and_published_by_the_worker(tiny_env, algorithm):
+    from test_worker import job, make_worker, seed_project
+
+    worker = make_worker(tiny_env, accelerate_config=str(CONFIGS / "cpu.yaml"), rl_algorithm=algorithm, dpo_epochs=2)
+    seed_project(worker.store, annotated=20)
+    worker.fit_reward(job("fit_reward"))
+    worker.train_policy(job("train_policy"))
+    store = worker.store
+    assert "under accelerate launch" in store.events_of(1, ["ppo"], limit=1)[0]["message"]
+    steps = store.events_of(1, ["ppo_step"], limit=20)  # logged by the launched process
+    assert steps and all(e["data"]["planned_steps"] for e in steps)
+    latest = store.latest_version("policy", 1)
+    assert latest.version == 1 and latest.metrics["algorithm"] == algorithm and latest.metrics["steps"] == len(steps)
+    assert Path(latest.path, "config.json").exists()
+    assert not list(Path(tiny_env["MODEL_DIR"]).glob(".launch-*"))  # its working directory is gone
+
+
+def test_an_accelerate_config_that_is_not_a_file_is_refused_with_the_fix(tiny_env):
+    from backend.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="ACCELERATE_CONFIG='nope.yaml'.*configs/accelerate"):
+        load_settings({**tiny_env, "ACCELERATE_CONFIG": "nope.yaml"})
