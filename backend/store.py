@@ -521,10 +521,15 @@ class Store:
                 known = sorted(s.scalars(select(ModelVersionRow.version).where(_lineage(kind, project_id))))
                 raise ValueError(f"project {project_id} has no {kind} version {version}: its versions are {known}")
             target.retired = False
-            result = s.execute(update(ModelVersionRow).where(
-                _lineage(kind, project_id), ModelVersionRow.version > version, ModelVersionRow.retired.is_(False)
-            ).values(retired=True))
-            return result.rowcount or 0
+            newer = list(s.scalars(select(ModelVersionRow).where(_lineage(kind, project_id),
+                                                                 ModelVersionRow.version > version)))
+            for row in newer:  # a policy awaiting the annotators' verdict is withdrawn with the rest
+                if row.metrics.get("promotion") == "pending":
+                    row.metrics = {**row.metrics, "promotion": "withdrawn"}
+            retired = [row for row in newer if not row.retired]
+            for row in retired:
+                row.retired = True
+            return len(retired)
 
     def next_version(self, kind: str, project_id: int) -> int:
         with self.reading() as s:

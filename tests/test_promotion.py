@@ -118,3 +118,15 @@ def test_regeneration_leaves_the_comparison_tasks_alone(tiny_env, monkeypatch):
     worker._client = object()  # no Label Studio here: unannotated_task_ids is replaced above
     worker.regenerate(job("regenerate"))
     assert written == [30]
+
+
+def test_a_rollback_withdraws_a_policy_that_awaits_the_annotators(tiny_env):
+    worker = make_worker(tiny_env, policy_promotion="human")
+    seed_project(worker.store)
+    pending_policy(worker, tasks=[901, 902, 903, 904, 905])
+    worker.store.rollback("policy", 1, 0)
+    for n, task_id in enumerate([901, 902, 903, 904, 905]):  # verdicts that would have promoted it
+        judged(worker.store, 1, task_id, 9000 + n, chosen_version=1, rejected_version=0)
+    worker.judge_promotion(1)
+    assert worker.store.pending_promotion(1) is None and worker.store.latest_version("policy", 1).version == 0
+    assert worker.store.versions("policy", 1)[-1].metrics["promotion"] == "withdrawn"
