@@ -26,7 +26,8 @@ from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
-REDIS_TIMEOUT_SECONDS = 0.3
+# a webhook's wait for an unreachable Redis (connect) and for an answer from a busy one (each call)
+REDIS_CONNECT_SECONDS, REDIS_CALL_SECONDS = 0.5, 1.0
 QUEUE_LANES = ("fast", "train")  # the lanes with a queue of their own; lane "all" takes from both, fast first
 
 
@@ -88,8 +89,8 @@ def _backend(store_url: str, redis_url: str):
     if redis_url:  # validated by the settings
         # a webhook that queues a job is answered within Label Studio's 1 s even when Redis is unreachable
         # (its job is kept in the store); non-blocking pops: a worker of lane "all" polls two queues
-        pool = ConnectionPool.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-                                       socket_timeout=REDIS_TIMEOUT_SECONDS)
+        pool = ConnectionPool.from_url(redis_url, socket_connect_timeout=REDIS_CONNECT_SECONDS,
+                                       socket_timeout=REDIS_CALL_SECONDS)
         return "redis", lambda name: PriorityRedisStorage(name=name, connection_pool=pool, blocking=False)
     url = make_url(store_url)
     if url.get_backend_name() == "sqlite":

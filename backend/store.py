@@ -741,9 +741,14 @@ class Store:
             return {k: v for k, v in rows}
 
     def put_embeddings(self, vectors: dict[str, bytes]) -> None:
+        """Cache vectors; a key another process cached meanwhile is kept (an upsert: two workers embedding
+        the same texts at once made one of their reward fits fail on the unique key)."""
+        if not vectors:
+            return
         with self.session() as s:
-            existing = set(s.scalars(select(EmbeddingRow.key).where(EmbeddingRow.key.in_(list(vectors)))))
-            s.add_all(EmbeddingRow(key=k, vector=v) for k, v in vectors.items() if k not in existing)
+            insert = postgresql_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+            s.execute(insert(EmbeddingRow).values([{"key": k, "vector": v} for k, v in vectors.items()])
+                      .on_conflict_do_nothing(index_elements=["key"]))
 
     # --- events ---
     def log_event(self, kind: str, message: str, /, project: int | None = None, **data) -> None:

@@ -399,3 +399,30 @@ def test_concurrent_versions_of_one_new_annotation_end_in_the_newest(store_url):
     assert errors == []
     assert store.annotation_records()[77].updated_at.isoformat().startswith("2026-01-08")
     assert store.pair_count() == 2  # one version's pairs, not two versions' mixed
+
+
+def test_two_workers_caching_the_same_embeddings_at_once_both_succeed(store_url):
+    """Two workers fitting reward models on the same texts: the second insert of a key is kept, not a failure."""
+    import threading
+
+    stores = [Store(store_url), Store(store_url)]
+    stores[0].create_schema()
+    errors = []
+
+    def put(store: Store, barrier: threading.Barrier, vectors: dict) -> None:
+        barrier.wait()
+        try:
+            store.put_embeddings(vectors)
+        except Exception as exc:  # the race the upsert closes: both read no key, both insert it
+            errors.append(exc)
+
+    for round_ in range(40):  # the window is narrow: many rounds of fresh keys
+        vectors = {f"key{round_}-{i}": bytes([i]) * 4 for i in range(20)}
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=put, args=(s, barrier, vectors)) for s in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert stores[1].get_embeddings(["key39-7"]) == {"key39-7": bytes([7]) * 4}
