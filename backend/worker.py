@@ -314,7 +314,8 @@ class Worker:
         candidates = {p: shown[p] for p in train_prompts if shown[p]}
         pairs = self.training_pairs(project_id, set(train_prompts)) if settings.rl_algorithm == "dpo" else None
         if settings.accelerate_config:
-            trained, stats = self.launch_update(project_id, serving.path, train_prompts, pairs, candidates)
+            trained, stats = self.launch_update(project_id, serving.path, reward.version, train_prompts, pairs,
+                                                candidates)
             trained.to(model.device)
         else:
             trained, stats = improve_policy(settings.rl_algorithm, model, tokenizer, train_prompts,
@@ -420,10 +421,12 @@ class Worker:
                                  f"keeps serving: {verdict.describe()}", project=project_id,
                                  version=pending.version, **numbers)
 
-    def launch_update(self, project_id: int, policy_path: str, prompts: list[str], pairs,
+    def launch_update(self, project_id: int, policy_path: str, reward_version: int | None, prompts: list[str], pairs,
                       candidates: dict[str, list[str]]):
-        """The training step of an update under `accelerate launch` (backend/launch.py): (trained policy, stats)."""
-        reward = self.store.latest_version("reward", project_id)
+        """The training step of an update under `accelerate launch` (backend/launch.py): (trained policy, stats).
+        It trains on `reward_version`, the reward model the update started with, not whichever the fast lane
+        published since."""
+        reward = next((v for v in self.store.versions("reward", project_id) if v.version == reward_version), None)
         if reward is None:
             raise ValueError(f"project {project_id} has no reward model yet: rank some tasks before a policy update")
         settings = self.settings
