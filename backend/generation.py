@@ -69,11 +69,13 @@ def sample_completions(
         chunk = prompts[start : start + batch_size]
         texts = [render_prompt(tokenizer, p) for p in chunk]
         room = prompt_room(model, max_new_tokens)
-        if room is not None and any(len(ids) > room for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if room is not None and enc["input_ids"].shape[1] > room:  # padded to its longest prompt: one is over
             log.warning("a prompt longer than the policy's context less MAX_NEW_TOKENS (%d tokens) was cut to "
                         "its last %d tokens", room, room)
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                        truncation=room is not None, max_length=room).to(model.device)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
+                            max_length=room)
+        enc = enc.to(model.device)
         out = model.generate(
             **enc,
             do_sample=True,
