@@ -212,7 +212,7 @@ def should_publish(
     *,
     min_reward_gain: float = 0.0,
     reward_se: float = 0.0,
-    rm_accuracy: float | None = None,
+    rm_accuracy_low: float | None = None,
     min_rm_accuracy: float | None = None,
     nll_rise: float | None = None,
     max_nll_rise: float | None = None,
@@ -226,10 +226,11 @@ def should_publish(
     `reward_se` of the paired difference); when its answers may have lost fluency: their mean
     per-token NLL under the old policy rose, plus `NLL_RISE_Z` standard errors `nll_rise_se`, by
     more than `max_nll_rise` nats over the old policy's own answers (KL per answer misses this when
-    the new answers are short); or when the reward model that judged it scores below
-    `min_rm_accuracy` on held-out pairs (the gain it sees is then noise). The noise counts against
-    the new policy in both checks: a gain and fluency must be shown, not merely not refuted. An
-    unknown accuracy (None: no held-out pairs yet) does not block. A negative `min_reward_gain`
+    the new answers are short); or when the reward model that judged it is not shown better than
+    `min_rm_accuracy` on held-out pairs: `rm_accuracy_low`, the lower 95% Wilson bound of its
+    accuracy there, is below it (the gain it sees may then be noise). The noise counts against the
+    new policy in every check: a gain, fluency and a reward model better than chance must be shown,
+    not merely not refuted. An unknown accuracy (None: no held-out pairs yet) does not block. A negative `min_reward_gain`
     lets a policy through whose reward fell that far (experiments only: it publishes non-gains).
     """
     if not math.isfinite(final_kl):
@@ -244,9 +245,9 @@ def should_publish(
         fluency_noise = f" + noise {NLL_RISE_Z * nll_rise_se:.3f}" if nll_rise_se else ""
         return False, (f"answers lost fluency: their NLL under the serving policy rose {nll_rise:.3f}{fluency_noise} "
                        f"nats/token > PPO_MAX_NLL_RISE {max_nll_rise:.3f}")
-    if rm_accuracy is not None and min_rm_accuracy is not None and rm_accuracy < min_rm_accuracy:
-        return False, (f"reward model held-out accuracy {rm_accuracy:.3f} < PPO_MIN_RM_ACCURACY "
-                       f"{min_rm_accuracy:.3f}: its scores are too close to noise to train on")
+    if rm_accuracy_low is not None and min_rm_accuracy is not None and rm_accuracy_low < min_rm_accuracy:
+        return False, (f"reward model not shown better than chance: the lower 95% bound of its held-out accuracy, "
+                       f"{rm_accuracy_low:.3f}, < PPO_MIN_RM_ACCURACY {min_rm_accuracy:.3f}")
     fluency_spread = f" (+-{nll_rise_se:.3f})" if nll_rise_se else ""
     fluency = "" if nll_rise is None else f", NLL rise {nll_rise:+.3f}{fluency_spread} nats/token"
     spread = f" (+-{reward_se:.4f})" if reward_se else ""

@@ -54,7 +54,7 @@ class Settings(BaseModel):
     # --- training triggers and the RL step ---
     ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
     ppo_min_rm_accuracy: float = Field(
-        0.55, ge=0, le=1, description="No policy update while the reward model's held-out accuracy is below this")
+        0.5, ge=0, le=1, description="No policy update while the lower 95% bound of the reward model's held-out accuracy is below this (0.5: until it is shown better than chance)")
     rl_algorithm: Literal["ppo", "grpo", "rloo", "dpo"] = Field(
         "ppo", description="Policy update: our PPO, trl's GRPO/RLOO on the reward model, or trl's DPO on the ranked pairs (docs/policy.md)")
     rl_group_size: int = Field(4, ge=2, le=64, description="Samples per prompt of GRPO/RLOO (PPO samples one)")

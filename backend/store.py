@@ -544,6 +544,15 @@ class Store:
             ).first()
             return _version(row) if row else None
 
+    def version(self, kind: str, project_id: int, version: int | None) -> ModelVersion | None:
+        """One version of the project's lineage, retired or not; None if there is none by that number."""
+        if version is None:
+            return None
+        with self.reading() as s:
+            row = s.scalars(select(ModelVersionRow).where(_lineage(kind, project_id),
+                                                          ModelVersionRow.version == version)).first()
+            return _version(row) if row else None
+
     def versions(self, kind: str, project_id: int) -> list[ModelVersion]:
         with self.reading() as s:
             rows = s.scalars(select(ModelVersionRow).where(_lineage(kind, project_id))

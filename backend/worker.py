@@ -248,11 +248,13 @@ class Worker:
         if self.store.pending_promotion(project_id) is not None:  # the annotators judge the last update first
             return
         reward = self.store.latest_version("reward", project_id)
-        accuracy = reward.metrics.get("held_out_accuracy") if reward else None
-        if accuracy is not None and accuracy < self.settings.ppo_min_rm_accuracy:
-            self.store.log_event("trigger", f"{new_pairs} new pairs, but the reward model's held-out accuracy "
-                                 f"{accuracy:.3f} < PPO_MIN_RM_ACCURACY {self.settings.ppo_min_rm_accuracy}: no PPO yet",
-                                 project=project_id)
+        low = reward.metrics.get("held_out_accuracy_low") if reward else None
+        if low is not None and low < self.settings.ppo_min_rm_accuracy:
+            self.store.log_event("trigger", f"{new_pairs} new pairs, but the reward model is not shown better than "
+                                 f"chance: {reward.metrics['held_out_accuracy']:.3f} right on "
+                                 f"{reward.metrics['held_out_pairs']} held-out pairs, lower 95% bound {low:.3f} < "
+                                 f"PPO_MIN_RM_ACCURACY {self.settings.ppo_min_rm_accuracy}: no policy update until "
+                                 "more rankings arrive", project=project_id)
             return
         self.store.enqueue("train_policy", project_id)
         self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: {self.settings.rl_algorithm} "
@@ -337,11 +339,11 @@ class Worker:
         comparison = compare_on_held_out(trained, model, tokenizer, held_out, reward.score,
                                          samples=HELD_OUT_SAMPLES, max_new_tokens=settings.max_new_tokens,
                                          seed=settings.seed)
-        rm = self.store.latest_version("reward", project_id)
+        judge = self.store.version("reward", project_id, reward.version)  # the reward model that scored both
         ok, reason = should_publish(comparison.kl, settings.ppo_max_kl, comparison.reward_new,
                                     comparison.reward_old, min_reward_gain=settings.ppo_min_reward_gain,
                                     reward_se=comparison.reward_se,
-                                    rm_accuracy=rm.metrics.get("held_out_accuracy") if rm else None,
+                                    rm_accuracy_low=judge.metrics.get("held_out_accuracy_low") if judge else None,
                                     min_rm_accuracy=settings.ppo_min_rm_accuracy,
                                     nll_rise=comparison.nll_rise, max_nll_rise=settings.ppo_max_nll_rise,
                                     nll_rise_se=comparison.nll_rise_se)
@@ -426,7 +428,7 @@ class Worker:
         """The training step of an update under `accelerate launch` (backend/launch.py): (trained policy, stats).
         It trains on `reward_version`, the reward model the update started with, not whichever the fast lane
         published since."""
-        reward = next((v for v in self.store.versions("reward", project_id) if v.version == reward_version), None)
+        reward = self.store.version("reward", project_id, reward_version)
         if reward is None:
             raise ValueError(f"project {project_id} has no reward model yet: rank some tasks before a policy update")
         settings = self.settings
@@ -435,7 +437,7 @@ class Worker:
             write_spec(spec, project_id=project_id, policy_path=policy_path, algorithm=settings.rl_algorithm,
                        ppo_config=ppo_config(settings), dpo_config=dpo_config(settings),
                        group_size=settings.rl_group_size, prompts=prompts, pairs=pairs, candidates=candidates,
-                       reward_path=reward.path, reward_version=reward.version)
+                       reward_path=reward.path, reward_version=reward.version, worker_pid=os.getpid())
             stats = launch(settings.accelerate_config, spec, out, settings_env(settings))
             trained, _ = load_causal_lm(str(out))
         return trained, stats

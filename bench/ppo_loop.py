@@ -61,6 +61,7 @@ from backend.dpo import DPOConfig  # noqa: E402
 from backend.ppo import PPOConfig  # noqa: E402
 from backend.preferences import pairs_from_tiers  # noqa: E402
 from backend.reward import RewardModel, TextEncoder  # noqa: E402
+from backend.reward_training import wilson_interval  # noqa: E402
 from backend.rl import ALGORITHMS, StepStats, improve_policy, normalised_to_candidates  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.worker import dpo_config  # noqa: E402
@@ -145,6 +146,8 @@ class Result:
     preference: str
     pairs: int
     rm_held_out_accuracy: float  # on pairs of the base policy's held-out answers
+    rm_held_out_pairs: int  # how many such pairs the preference separates
+    rm_held_out_accuracy_low: float | None  # lower 95% Wilson bound: what PPO_MIN_RM_ACCURACY is held against
     algorithm: str
     ppo_steps: int  # RL steps whose updates the new policy holds
     seconds_per_update: float  # GRPO/RLOO: per step, rollout included (trl times only whole steps)
@@ -191,8 +194,11 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     prompts, chosen, rejected = annotate(train_prompts, candidates, preference, knobs.annotation)
     # reward model: the default (MiniLM and character n-gram heads) fitted on every pair
     reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
-    rm_accuracy = held_out_accuracy(reward, eval_prompts, base_answers, preference)
-    log.info("%s: %d pairs, reward model accuracy %.3f on held-out answer pairs", name, len(prompts), rm_accuracy)
+    right, judged = held_out_agreement(reward, eval_prompts, base_answers, preference)
+    rm_accuracy = right / judged if judged else math.nan
+    rm_accuracy_low = wilson_interval(right, judged)[0] if judged else None  # None: unknown, as in the product
+    log.info("%s: %d pairs, reward model accuracy %.3f on %d held-out answer pairs", name, len(prompts),
+             rm_accuracy, judged)
     # RL against the reward model, in units of the candidates the annotator saw
     reward_fn = normalised_to_candidates(reward.score, dict(zip(train_prompts, candidates)))
     torch.manual_seed(knobs.ppo.seed)
@@ -211,9 +217,11 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
     # the reward model's accuracy stands in for the product's check on held-out human pairs
     published, reason = should_publish(kl, max_kl, reward_new, reward_base, reward_se=reward_se,
-                                       rm_accuracy=rm_accuracy, min_rm_accuracy=Settings().ppo_min_rm_accuracy)
+                                       rm_accuracy_low=rm_accuracy_low,
+                                       min_rm_accuracy=Settings().ppo_min_rm_accuracy)
     return Result(
-        preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, algorithm=knobs.algorithm,
+        preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, rm_held_out_pairs=judged,
+        rm_held_out_accuracy_low=rm_accuracy_low, algorithm=knobs.algorithm,
         ppo_steps=len(stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
         final_train_kl=stats[-1].kl if stats else None, held_out_kl=kl, wins=t.wins, losses=t.losses, ties=t.ties,
         win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
@@ -242,8 +250,9 @@ def mean_chars(answers: list[str]) -> float:
     return sum(map(len, answers)) / len(answers)
 
 
-def held_out_accuracy(reward: RewardModel, prompts: list[str], answers: list[str], preference) -> float:
-    """Agreement of the reward model with the preference on every pair of answers to one prompt that it separates."""
+def held_out_agreement(reward: RewardModel, prompts: list[str], answers: list[str], preference) -> tuple[int, int]:
+    """(agreeing, judged): how often the reward model orders a pair of answers to one prompt as the
+    preference does, over every such pair the preference separates."""
     by_prompt: dict[str, list[str]] = {}
     for p, a in zip(prompts, answers):
         by_prompt.setdefault(p, []).append(a)
@@ -255,7 +264,7 @@ def held_out_accuracy(reward: RewardModel, prompts: list[str], answers: list[str
                 if preference(group[i]) > preference(group[j]):
                     total += 1
                     right += scores[i] > scores[j]
-    return right / total if total else float("nan")
+    return right, total
 
 
 # ----------------------------------------------------------------------------- report

@@ -63,20 +63,33 @@ def passes(row: dict) -> bool:
 
 def table(rows: list[dict]) -> str:
     head = ("| taste (verdict) | seed | algorithm | pairs | win-rate (W/L/T) | p | NLL rise | KL | chars base -> new | "
-            "publish | min | peak RSS |")
+            "RM acc. (pairs, low) | publish | min | peak RSS |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         out.append(f"| {r['preference']} ({SUITE[r['preference']].verdict}) | {r['seed']} | {r['algorithm']} | "
                    f"{r['pairs']} | {r['win_rate']:.3f} ({r['wins']}/{r['losses']}/{r['ties']}) | {r['p_value']:.2g} | "
                    f"{r['nll_new_answers'] - r['nll_base_answers']:+.2f} | {r['held_out_kl']:.2f} | "
-                   f"{r['chars_base']:.0f} -> {r['chars_new']:.0f} | {'yes' if r['published'] else 'no'} | "
+                   f"{r['chars_base']:.0f} -> {r['chars_new']:.0f} | {rm_accuracy(r)} | {'yes' if r['published'] else 'no'} | "
                    f"{r['seconds'] / 60:.1f} | {r['peak_rss_gb']:.1f} GB |")
     return "\n".join(out)
 
 
+def rm_accuracy(row: dict) -> str:
+    low = row.get("rm_held_out_accuracy_low")
+    bound = "" if low is None else f", {low:.2f}"
+    return f"{row['rm_held_out_accuracy']:.2f} ({row.get('rm_held_out_pairs', '?')}{bound})"
+
+
+def served_win_rate(row: dict) -> float:
+    """What annotators get: the new policy's win-rate if the guard rails publish it, else the serving
+    (base) policy's own 0.5."""
+    return row["win_rate"] if row["published"] else 0.5
+
+
 def summary(rows: list[dict]) -> str:
     out = ["| algorithm | runs | mean win-rate | worst taste (mean win-rate) | tastes passing in >= 2 of their seeds | "
-           "runs passing | published |", "|---|---|---|---|---|---|---|"]
+           "runs passing | published | published non-gains | withheld gains | mean served win-rate |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
         mine = [r for r in rows if r["algorithm"] == algorithm]
         by_taste: dict[str, list[dict]] = {}
@@ -87,7 +100,10 @@ def summary(rows: list[dict]) -> str:
         passing = sum(sum(map(passes, rs)) >= min(2, len(rs)) for rs in by_taste.values())
         out.append(f"| {algorithm} | {len(mine)} | {sum(r['win_rate'] for r in mine) / len(mine):.3f} | "
                    f"{worst} ({means[worst]:.3f}) | {passing} of {len(by_taste)} | {sum(map(passes, mine))} of "
-                   f"{len(mine)} | {sum(r['published'] for r in mine)} of {len(mine)} |")
+                   f"{len(mine)} | {sum(r['published'] for r in mine)} of {len(mine)} | "
+                   f"{sum(r['published'] and not passes(r) for r in mine)} | "
+                   f"{sum(passes(r) and not r['published'] for r in mine)} | "
+                   f"{sum(map(served_win_rate, mine)) / len(mine):.3f} |")
     return "\n".join(out)
 
 

@@ -172,10 +172,11 @@ def test_paired_prompt_difference_rejects_scores_that_do_not_pair_up_by_prompt(n
         paired_prompt_difference(new, old, samples)
 
 
-def test_should_publish_refuses_reward_model_below_min_accuracy_but_not_unknown_accuracy():
-    ok, reason = should_publish(1.0, 10.0, 0.5, 0.1, rm_accuracy=0.52, min_rm_accuracy=0.6)
-    assert not ok and "PPO_MIN_RM_ACCURACY" in reason
-    assert should_publish(1.0, 10.0, 0.5, 0.1, rm_accuracy=None, min_rm_accuracy=0.6)[0]
+def test_should_publish_refuses_a_reward_model_not_shown_better_than_chance_but_not_an_unknown_one():
+    ok, reason = should_publish(1.0, 10.0, 0.5, 0.1, rm_accuracy_low=0.49, min_rm_accuracy=0.5)
+    assert not ok and "PPO_MIN_RM_ACCURACY" in reason and "0.490" in reason
+    assert should_publish(1.0, 10.0, 0.5, 0.1, rm_accuracy_low=0.51, min_rm_accuracy=0.5)[0]
+    assert should_publish(1.0, 10.0, 0.5, 0.1, rm_accuracy_low=None, min_rm_accuracy=0.5)[0]
 
 
 def test_should_publish_refuses_non_finite_kl():

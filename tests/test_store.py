@@ -230,6 +230,16 @@ def test_rollback_serves_the_older_version_and_numbering_continues(store):
     assert [v.retired for v in store.versions("policy", 1)] == [False, False, True]
 
 
+def test_a_version_is_found_by_its_number_retired_or_not_and_none_when_unknown(store):
+    for v in range(3):
+        store.publish_version("reward", 1, v, f"/r{v}", v, {"held_out_accuracy": v / 10})
+    store.rollback("reward", 1, 0)
+    assert store.version("reward", 1, 2).path == "/r2" and store.version("reward", 1, 2).retired
+    assert store.version("reward", 1, 1).metrics == {"held_out_accuracy": 0.1}
+    assert store.version("reward", 1, 7) is None and store.version("reward", 2, 1) is None
+    assert store.version("reward", 1, None) is None
+
+
 def test_rollback_to_an_unknown_version_names_the_known_ones(store):
     store.publish_version("reward", 1, 1, "/r1", 3, {})
     with pytest.raises(ValueError, match=r"project 1 has no reward version 7: its versions are \[1\]"):

@@ -11,7 +11,8 @@ from backend import ledger
 from backend.evaluation import HeldOutComparison
 from backend.preferences import PreferencePair
 from backend.reward import is_held_out
-from backend.settings import load_settings
+from backend.reward_training import wilson_interval
+from backend.settings import Settings, load_settings
 from backend.store import Job, Store
 from backend.worker import Worker, split_held_out, training_device
 
@@ -62,13 +63,25 @@ def test_ppo_is_queued_once_enough_new_pairs_arrived(tiny_env):
     assert worker.store.job_counts() == {"queued": 1}
 
 
-def test_ppo_waits_while_the_reward_model_is_worse_than_the_accuracy_floor(tiny_env):
-    worker = make_worker(tiny_env, ppo_trigger_pairs=1, ppo_min_rm_accuracy=0.9)
+def reward_metrics(correct: int, n: int) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"held_out_accuracy": correct / n, "held_out_pairs": n, "held_out_accuracy_low": low,
+            "held_out_accuracy_high": high}
+
+
+def test_policy_update_waits_until_the_reward_model_is_shown_better_than_chance(tiny_env):
+    # 7 of 11 held-out pairs right is 0.64, above the old point-estimate floor of 0.55, yet its lower
+    # 95% bound (0.35) does not rule out chance: the default floor waits for more held-out signal
+    worker = make_worker(tiny_env, ppo_trigger_pairs=1,
+                         ppo_min_rm_accuracy=Settings.model_fields["ppo_min_rm_accuracy"].default)
     seed_project(worker.store)
-    worker.store.publish_version("reward", 1, 1, "/rm", 12, {"held_out_accuracy": 0.6})
+    worker.store.publish_version("reward", 1, 1, "/rm", 12, reward_metrics(7, 11))
     worker.queue_policy_update_if_due(1)
     assert not worker.store.has_active_job("train_policy", 1)
     assert "PPO_MIN_RM_ACCURACY" in worker.store.events()[-1]["message"]
+    worker.store.publish_version("reward", 1, 2, "/rm2", 12, reward_metrics(27, 40))  # 0.675, bound 0.52
+    worker.queue_policy_update_if_due(1)
+    assert worker.store.has_active_job("train_policy", 1)
 
 
 def test_pairs_before_the_last_policy_do_not_count_towards_the_next(tiny_env):
