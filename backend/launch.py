@@ -7,7 +7,8 @@ candidates annotators saw, and the reward model's files; then it runs
 of the launch trains: trl's trainers (DPO, GRPO, RLOO) share the work across the GPUs with DDP or
 DeepSpeed as the config says; the written-out PPO runs in one process. The main process logs each step
 to the store and writes the trained policy and its step statistics to OUT; the worker then judges and
-publishes it exactly as an update run in its own process (backend/worker.py).
+publishes it exactly as an update run in its own process (backend/worker.py). Each process watches
+the worker that launched it and exits when the worker is gone (`exit_when_gone`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,18 +31,19 @@ STATS_FILE = "step_stats.json"
 
 def write_spec(path: Path, *, project_id: int, policy_path: str, algorithm: str, ppo_config: PPOConfig,
                dpo_config: DPOConfig, group_size: int, prompts: list[str], pairs, candidates: dict[str, list[str]],
-               reward_path: str, reward_version: int | None) -> None:
+               reward_path: str, reward_version: int | None, worker_pid: int) -> None:
     path.write_text(json.dumps({
         "project_id": project_id, "policy_path": policy_path, "algorithm": algorithm,
         "ppo_config": asdict(ppo_config), "dpo_config": asdict(dpo_config), "group_size": group_size,
         "prompts": prompts, "pairs": [list(p) for p in pairs] if pairs else None, "candidates": candidates,
-        "reward_path": reward_path, "reward_version": reward_version,
+        "reward_path": reward_path, "reward_version": reward_version, "worker_pid": worker_pid,
     }))
 
 
 def launch(config_file: str, spec: Path, out: Path, env: dict[str, str]) -> list[StepStats]:
     """Run the update of `spec` under accelerate with `config_file`; the trained policy is left in `out`."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+    # --quiet: a failure ends stderr with the launched process's own error, not accelerate's wrapper traceback
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", config_file,
                "-m", "backend.launch", str(spec), str(out)]
     result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
     if result.returncode != 0:
@@ -49,8 +53,44 @@ def launch(config_file: str, spec: Path, out: Path, env: dict[str, str]) -> list
     return [StepStats(**s) for s in json.loads((out / STATS_FILE).read_text())]
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no procfs (macOS): kill(0) has the last word
+        return True
+    return state not in ("Z", "X")
+
+
+def exit_when_gone(pid: int, interval: float = 1.0) -> threading.Thread:
+    """Exit this process once process `pid` is gone, checking every `interval` seconds.
+
+    A SIGKILLed worker cannot stop what it launched; without this its update trained on as an orphan,
+    logging steps and taking the cores from the update its requeued job starts again. When this
+    process exits, `accelerate launch` (its parent) sees it fail and exits too.
+    """
+    def watch() -> None:
+        while process_alive(pid):
+            time.sleep(interval)
+        print(f"backend.launch: the worker (pid {pid}) that launched this update is gone; stopping",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # from a thread: sys.exit would end only the thread
+
+    watcher = threading.Thread(target=watch, name=f"watch-worker-{pid}", daemon=True)
+    watcher.start()
+    return watcher
+
+
 def main(spec_path: str, out_dir: str) -> None:
     """One process of the launch: train; the main process logs, saves the policy and its statistics."""
+    spec = json.loads(Path(spec_path).read_text())
+    exit_when_gone(spec["worker_pid"])  # before the imports and the model load: seconds a killed worker's child lives on
     import torch
     from accelerate import PartialState
 
@@ -62,7 +102,6 @@ def main(spec_path: str, out_dir: str) -> None:
     from backend.store import Store
     from backend.worker import log_step, training_device
 
-    spec = json.loads(Path(spec_path).read_text())
     state = PartialState()
     if spec["algorithm"] == "ppo" and state.num_processes > 1:
         raise SystemExit(f"RL_ALGORITHM=ppo trains in one process, the config starts {state.num_processes}: use "

@@ -42,6 +42,34 @@ def test_accelerate_launch_runs_a_process_with_the_cpu_config(tmp_path):
     assert "probe cpu 1 NO" in result.stdout
 
 
+def test_a_failed_launch_reports_the_launched_process_error_not_accelerates_wrapper(tmp_path):
+    from backend.launch import launch
+
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")  # no worker_pid: backend.launch fails at once
+    with pytest.raises(RuntimeError, match="exited with 1: .*KeyError: 'worker_pid'") as failure:
+        launch(str(CONFIGS / "cpu.yaml"), spec, tmp_path / "out", {})
+    assert "CalledProcessError" not in str(failure.value)
+
+
+def test_a_launched_process_exits_once_the_worker_that_launched_it_is_killed():
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # stands in for the worker
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                              "from backend.launch import exit_when_gone\n"
+                              f"exit_when_gone({worker.pid}, interval=0.1)\n"
+                              "time.sleep(120)\n"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):  # it trains on while the worker lives
+            child.wait(timeout=3)
+        worker.kill()  # SIGKILL, and not reaped yet: a zombie counts as gone
+        assert child.wait(timeout=30) == 1
+        assert f"the worker (pid {worker.pid}) that launched this update is gone" in child.stderr.read()
+    finally:
+        for process in (worker, child):
+            process.kill()
+            process.wait()
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
 
