@@ -250,11 +250,13 @@ class Worker:
         reward = self.store.latest_version("reward", project_id)
         low = reward.metrics.get("held_out_accuracy_low") if reward else None
         if low is not None and low < self.settings.ppo_min_rm_accuracy:
-            self.store.log_event("trigger", f"{new_pairs} new pairs, but the reward model is not shown better than "
-                                 f"chance: {reward.metrics['held_out_accuracy']:.3f} right on "
-                                 f"{reward.metrics['held_out_pairs']} held-out pairs, lower 95% bound {low:.3f} < "
-                                 f"PPO_MIN_RM_ACCURACY {self.settings.ppo_min_rm_accuracy}: no policy update until "
-                                 "more rankings arrive", project=project_id)
+            # said once per reward model: every annotation asks again, and the answer changes only with a refit
+            if (self.store.last_event_data("trigger", project_id) or {}).get("blocked_by_reward") != reward.version:
+                self.store.log_event("trigger", f"{new_pairs} new pairs, but reward v{reward.version} is not shown "
+                                     f"better than chance: {reward.metrics['held_out_accuracy']:.3f} right on "
+                                     f"{reward.metrics['held_out_pairs']} held-out pairs, lower 95% bound {low:.3f} "
+                                     f"< PPO_MIN_RM_ACCURACY {self.settings.ppo_min_rm_accuracy}: no policy update "
+                                     "until more rankings arrive", project=project_id, blocked_by_reward=reward.version)
             return
         self.store.enqueue("train_policy", project_id)
         self.store.log_event("trigger", f"{new_pairs} new pairs since the last policy: {self.settings.rl_algorithm} "
