@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +29,27 @@ from backend.ppo import PPOConfig
 from backend.rl import StepStats
 
 STATS_FILE = "step_stats.json"
+
+
+def workdir_prefix(pid: int | None = None) -> str:
+    """The name a launch's working directory in MODEL_DIR starts with: the machine and the worker's pid,
+    so a later worker can tell a launch whose worker is gone (MODEL_DIR may be shared between machines)."""
+    return f".launch-{socket.gethostname()}-{os.getpid() if pid is None else pid}-"
+
+
+def remove_stale_workdirs(model_dir: Path) -> list[Path]:
+    """Remove the launch working directories in `model_dir` left by workers of this machine that are gone.
+
+    A worker killed with SIGKILL cannot clean up; what it leaves holds a spec and perhaps a whole
+    trained policy, hundreds of MB a time."""
+    own_machine = f".launch-{socket.gethostname()}-"
+    removed = []
+    for workdir in model_dir.glob(f"{own_machine}*"):
+        pid = workdir.name[len(own_machine):].split("-", 1)[0]
+        if workdir.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(workdir, ignore_errors=True)
+            removed.append(workdir)
+    return removed
 
 
 def write_spec(path: Path, *, project_id: int, policy_path: str, algorithm: str, ppo_config: PPOConfig,

@@ -32,7 +32,7 @@ from backend.dpo import DPOConfig
 from backend.generation import generate_candidates, sample_completions
 from backend.jobqueue import QueueUnavailable
 from backend.labelconfig import RankingSchema, parse_ranking_schema
-from backend.launch import launch, write_spec
+from backend.launch import launch, remove_stale_workdirs, workdir_prefix, write_spec
 from backend.models import atomic_directory, load_causal_lm, resolve_encoder
 from backend.predictions import rank_prediction
 from backend.promotion import PROMOTION_FIELD, comparison_tasks, decide, tally
@@ -434,7 +434,8 @@ class Worker:
         if reward is None:
             raise ValueError(f"project {project_id} has no reward model yet: rank some tasks before a policy update")
         settings = self.settings
-        with tempfile.TemporaryDirectory(prefix=".launch-", dir=settings.model_dir) as work:
+        remove_stale_workdirs(Path(settings.model_dir))
+        with tempfile.TemporaryDirectory(prefix=workdir_prefix(), dir=settings.model_dir) as work:
             spec, out = Path(work) / "spec.json", Path(work) / "policy"
             write_spec(spec, project_id=project_id, policy_path=policy_path, algorithm=settings.rl_algorithm,
                        ppo_config=ppo_config(settings), dpo_config=dpo_config(settings),

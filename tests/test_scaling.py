@@ -70,6 +70,20 @@ def test_a_launched_process_exits_once_the_worker_that_launched_it_is_killed():
             process.wait()
 
 
+def test_a_launch_directory_is_removed_once_its_worker_is_gone_and_kept_while_it_lives(tmp_path):
+    from backend.launch import remove_stale_workdirs, workdir_prefix
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"{workdir_prefix(gone.pid)}abc"
+    live = tmp_path / f"{workdir_prefix()}def"
+    other_machine = tmp_path / f".launch-elsewhere-{gone.pid}-ghi"  # its pid means nothing here
+    for workdir in (stale, live, other_machine):
+        (workdir / "policy").mkdir(parents=True)
+    assert remove_stale_workdirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other_machine.exists()
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 
 
