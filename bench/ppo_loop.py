@@ -130,7 +130,9 @@ class Knobs:
     candidates: int = 8  # candidates per training prompt that the annotator ranks
     annotation: str = "tiers"  # how the annotator expresses its verdict (`verdict`)
     candidate_tokens: int = 32  # MAX_NEW_TOKENS of those candidates
-    eval_samples: int = 2  # answers per held-out prompt and policy
+    # answers per held-out prompt and policy; with 2, a sparse taste (contains_number) separated 3 pairs of
+    # base answers, too few to show the reward model better than chance (PPO_MIN_RM_ACCURACY)
+    eval_samples: int = 4
     held_out: int = 24  # held-out prompts
     algorithm: str = Settings.model_fields["rl_algorithm"].default  # RL_ALGORITHM: the backend's default
     group_size: int = Settings.model_fields["rl_group_size"].default  # samples per prompt of GRPO/RLOO

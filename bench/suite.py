@@ -44,7 +44,6 @@ from backend.worker import dpo_config, ppo_config  # noqa: E402
 
 log = logging.getLogger("suite")
 MAX_NLL_RISE = 0.5  # the bar of issue 15, nats/token
-EVAL_SAMPLES = 4
 
 
 def user_knobs(algorithm: str, seed: int) -> Knobs:
@@ -52,7 +51,7 @@ def user_knobs(algorithm: str, seed: int) -> Knobs:
     defaults = Settings(seed=seed)
     ppo = ppo_config(defaults)
     return Knobs(candidates=defaults.num_candidates, candidate_tokens=defaults.max_new_tokens,
-                 eval_samples=EVAL_SAMPLES, held_out=24, algorithm=algorithm, group_size=defaults.rl_group_size,
+                 held_out=24, algorithm=algorithm, group_size=defaults.rl_group_size,
                  ppo=ppo, dpo=dpo_config(defaults))
 
 
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                     with args.json.open("a") as f:
                         f.write(json.dumps(row) + "\n")
     print(f"## The preference suite: {len(args.tastes)} tastes x seeds {args.seeds} x {args.algorithms}, "
-          f"out-of-the-box settings, 24 held-out questions x {EVAL_SAMPLES} answers\n")
+          f"out-of-the-box settings, 24 held-out questions x {Knobs().eval_samples} answers\n")
     print(table(rows) + "\n\n" + summary(rows))
     print(f"\nMachine: {machine()}. Total {(time.perf_counter() - started) / 60:.0f} min.")
 

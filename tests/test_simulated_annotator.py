@@ -87,8 +87,4 @@ def test_ppo_on_smollm2_wins_by_the_hidden_preference_without_drifting_off(one_t
                         Knobs(algorithm="ppo"), max_kl=12.0)
     assert result.win_rate > 0.5 and result.p_value < 0.05, result  # one-sided sign test over non-tied pairs
     assert result.nll_new_answers - result.nll_base_answers <= 0.5, result
-    # the guard rails let the gain through unless the reward model is not yet shown better than chance:
-    # this taste leaves it few held-out pairs (3 of 3 right has a lower 95% bound of 0.44), and then the
-    # refusal must say so rather than blame the gain or the fluency
-    assert result.published or (result.rm_held_out_accuracy_low < 0.5
-                                and "not shown better than chance" in result.reason), result
+    assert result.published, result  # the guard rails let the gain through
