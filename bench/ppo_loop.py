@@ -96,6 +96,37 @@ OPEN = [
     "What is the moon made of?", "How do I tie a tie?", "What is music?", "Why do we dream?",
     "How do I start running?", "What is the internet?", "Name a fruit.", "How do I calm down?",
 ]
+# Training questions only (the held-out ones stay those above): for runs with 3x the signal per seed
+# (bench/suite.py --more-questions), to tell a taste that needs more rankings from one PPO cannot learn.
+MORE_NUMERIC = [
+    "How many wheels does a tricycle have?", "How many eggs are in a dozen?", "What is 9 times 7?",
+    "How many days are in a week?", "How many sides does a triangle have?", "What is 100 minus 37?",
+    "How many legs does an insect have?", "How many players are on a basketball court per team?",
+    "How many grams are in a kilogram?", "What year did humans first land on the moon?",
+    "How many letters are in the English alphabet?", "How many inches are in a foot?",
+    "What is 3 squared?", "How many chambers does the human heart have?", "How many feet are in a mile?",
+    "How many hours are in a day?", "How many cards are in a deck?", "How many sides does an octagon have?",
+    "What is 20 percent of 50?", "How many years are in a century?", "How many lungs does a person have?",
+    "How many quarters make a dollar?", "At what temperature does water freeze in Fahrenheit?",
+    "How many moons does Mars have?", "How many minutes are in a soccer match?", "What is 64 divided by 8?",
+    "How many pints are in a quart?", "How many squares are on a chessboard?", "How many oceans are there?",
+    "How many wings does a bee have?", "How many days are in February in a leap year?",
+    "How many milliliters are in a liter?", "How many senators does each US state have?",
+    "What is 5 factorial?", "How many toes does a cat usually have on its front paws?",
+    "How many kilometers are in a mile, roughly?",
+]
+MORE_OPEN = [
+    "Why do birds sing?", "What is your favorite season?", "How do I make pancakes?", "What is a volcano?",
+    "Can you suggest a hobby?", "Why do dogs wag their tails?", "How can I focus better?",
+    "What is the capital of Japan?", "Tell me about owls.", "How do I make new friends?",
+    "What makes a good teacher?", "Describe a forest.", "How do boats float?", "What should I read next?",
+    "Why does it rain?", "Give me a tip for public speaking.", "What is a cloud?", "How do I care for a fern?",
+    "What do ants eat?", "How can I save money?", "What is electricity?", "Write a short thank-you note.",
+    "What is the sun made of?", "How do I fold a paper plane?", "What is art?", "Why do we yawn?",
+    "How do I start meditating?", "What is a computer?", "Name a vegetable.", "How do I relax after work?",
+    "What is friendship?", "Why is the sea salty?", "How do I plant a tree?", "What is a desert?",
+    "How can I learn to draw?", "Describe a sunset.",
+]
 
 
 def split_prompts(n_held_out: int) -> tuple[list[str], list[str]]:

@@ -8,7 +8,7 @@ Out: a markdown table, one row per (taste, seed, algorithm): win-rate against th
      in at least 2 seeds of 3). Optionally the rows as JSON (--json), appended as each run ends.
 
 Per seed the base policy writes NUM_CANDIDATES x MAX_NEW_TOKENS candidates (the defaults: 4 x 48)
-for the 36 training questions of bench/ppo_loop.py, and 4 answers to each of its 24 held-out
+for the 36 training questions of bench/ppo_loop.py (108 with --more-questions), and 4 answers to each of its 24 held-out
 questions; every taste ranks the same candidates in its own verdict format. The policy update runs
 with the backend's defaults (backend/worker.py's ppo_config and dpo_config of `Settings()`).
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ppo_loop import Knobs, machine, run_experiment, sample, split_prompts  # noqa: E402
+from ppo_loop import MORE_NUMERIC, MORE_OPEN, Knobs, machine, run_experiment, sample, split_prompts  # noqa: E402
 from preference_suite import SUITE  # noqa: E402
 
 from backend.generation import sample_completions  # noqa: E402
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="append each run's row here (JSON lines)")
     parser.add_argument("--max-kl", type=float, default=Settings().ppo_max_kl)
+    parser.add_argument("--more-questions", action="store_true",
+                        help="train on 108 questions instead of 36 (same held-out ones): 3x the rankings per seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         knobs = user_knobs(args.algorithms[0], seed)
         train_prompts, held_out = split_prompts(knobs.held_out)
+        train_prompts += MORE_NUMERIC + MORE_OPEN if args.more_questions else []
         torch.manual_seed(seed)  # candidates and base answers differ per seed, as a new project's would
         candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
         torch.manual_seed(seed + 1000)
