@@ -13,7 +13,7 @@ questions; every taste ranks the same candidates in its own verdict format. The 
 with the backend's defaults (backend/worker.py's ppo_config and dpo_config of `Settings()`).
 
 Run: `.venv/bin/python bench/suite.py --algorithms dpo ppo --seeds 0 1 2` (docs/policy.md has the
-minutes each run took on 2 cores).
+minutes each run took on 2 cores). `--set ppo_stop_kl=8` judges a candidate default the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,13 +47,21 @@ log = logging.getLogger("suite")
 MAX_NLL_RISE = 0.5  # the bar of issue 15, nats/token
 
 
-def user_knobs(algorithm: str, seed: int) -> Knobs:
-    """The out-of-the-box settings, as bench/ppo_loop.py's knobs."""
-    defaults = Settings(seed=seed)
+def user_knobs(algorithm: str, seed: int, overrides: dict[str, str] | None = None) -> Knobs:
+    """The out-of-the-box settings, or those with `overrides` (a candidate default), as bench/ppo_loop.py's knobs."""
+    defaults = Settings(**{**(overrides or {}), "seed": seed})
     ppo = ppo_config(defaults)
     return Knobs(candidates=defaults.num_candidates, candidate_tokens=defaults.max_new_tokens,
                  held_out=24, algorithm=algorithm, group_size=defaults.rl_group_size,
                  ppo=ppo, dpo=dpo_config(defaults))
+
+
+def setting_override(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or name not in Settings.model_fields:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: give SETTING=VALUE with one of Settings' fields, "
+                                         "e.g. ppo_stop_kl=8")
+    return name, value
 
 
 def passes(row: dict) -> bool:
@@ -116,7 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-kl", type=float, default=Settings().ppo_max_kl)
     parser.add_argument("--more-questions", action="store_true",
                         help="train on 108 questions instead of 36 (same held-out ones): 3x the rankings per seed")
+    parser.add_argument("--set", nargs="+", default=[], metavar="SETTING=VALUE", type=setting_override,
+                        help="judge a candidate default on the suite, e.g. --set ppo_stop_kl=8 (Settings' field names)")
     args = parser.parse_args(argv)
+    overrides = dict(args.set)
+    try:  # a wrong value fails here, before any sampling
+        Settings(**overrides)
+    except ValidationError as e:
+        parser.error("--set: " + "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -124,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     encoder = TextEncoder(*load_encoder(resolve_encoder(DEFAULT_ENCODER)), DEFAULT_ENCODER, store=None)
     rows = []
     for seed in args.seeds:
-        knobs = user_knobs(args.algorithms[0], seed)
+        knobs = user_knobs(args.algorithms[0], seed, overrides)
         train_prompts, held_out = split_prompts(knobs.held_out)
         train_prompts += MORE_NUMERIC + MORE_OPEN if args.more_questions else []
         torch.manual_seed(seed)  # candidates and base answers differ per seed, as a new project's would
@@ -134,11 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.tastes:  # every algorithm on a taste before the next taste: a cut-short run still compares
             taste = SUITE[name]
             for algorithm in args.algorithms:
-                knobs = user_knobs(algorithm, seed)
+                knobs = user_knobs(algorithm, seed, overrides)
                 result = run_experiment(name, taste.score, base, tokenizer, encoder, train_prompts, candidates,
                                         eval_prompts, base_answers, replace(knobs, annotation=taste.verdict),
                                         args.max_kl)
-                row = {**asdict(result), "seed": seed}
+                row = {**asdict(result), "seed": seed, "settings": overrides}
                 rows.append(row)
                 log.info("%s seed %d %s: win %.3f p %.2g NLL %+.2f published %s", name, seed, algorithm,
                          row["win_rate"], row["p_value"], row["nll_new_answers"] - row["nll_base_answers"],
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                     with args.json.open("a") as f:
                         f.write(json.dumps(row) + "\n")
     print(f"## The preference suite: {len(args.tastes)} tastes x seeds {args.seeds} x {args.algorithms}, "
-          f"out-of-the-box settings, 24 held-out questions x {Knobs().eval_samples} answers\n")
+          f"{overrides or 'out-of-the-box'} settings, 24 held-out questions x {Knobs().eval_samples} answers\n")
     print(table(rows) + "\n\n" + summary(rows))
     print(f"\nMachine: {machine()}. Total {(time.perf_counter() - started) / 60:.0f} min.")
 
