@@ -367,12 +367,17 @@ def main(argv: list[str] | None = None) -> None:
     encoder_model, encoder_tokenizer = load_encoder(resolve_encoder(DEFAULT_ENCODER))
     encoder = TextEncoder(encoder_model, encoder_tokenizer, DEFAULT_ENCODER, store=None)
     train_prompts, held_out = split_prompts(knobs.held_out)
-    # candidates the annotators rank, and the base policy's held-out answers: shared by every preference
-    if args.samples and args.samples.exists():  # a rerun with other PPO knobs skips the base policy's sampling
-        cached = json.loads(args.samples.read_text())
+    # candidates the annotators rank, and the base policy's held-out answers: shared by every preference.
+    # The cache records what they were drawn with: one of other knobs would misalign prompts and answers.
+    sampling = {"candidates": knobs.candidates, "candidate_tokens": knobs.candidate_tokens,
+                "eval_samples": knobs.eval_samples, "eval_tokens": knobs.ppo.max_new_tokens}
+    cached = json.loads(args.samples.read_text()) if args.samples and args.samples.exists() else {}
+    if cached.get("sampling") == sampling:  # a rerun with other PPO knobs skips the base policy's sampling
         candidates, eval_prompts, base_answers = cached["candidates"], cached["eval_prompts"], cached["base_answers"]
         generation_tps = cached["generation_tps"]
     else:
+        if cached:
+            log.info("%s was sampled with %s, not %s: sampling again", args.samples, cached.get("sampling"), sampling)
         torch.manual_seed(0)
         candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
         log.info("%d candidates in %.0fs", knobs.candidates * len(train_prompts), time.perf_counter() - started)
@@ -380,8 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         eval_prompts, base_answers, generation_tps = sample(base, tokenizer, held_out, knobs.eval_samples,
                                                             knobs.ppo.max_new_tokens)
         if args.samples:
-            args.samples.write_text(json.dumps({"candidates": candidates, "eval_prompts": eval_prompts,
-                                                "base_answers": base_answers, "generation_tps": generation_tps}))
+            args.samples.write_text(json.dumps({"sampling": sampling, "candidates": candidates,
+                                                "eval_prompts": eval_prompts, "base_answers": base_answers,
+                                                "generation_tps": generation_tps}))
     log.info("candidates and base answers in %.0fs (%.0f tokens/s)", time.perf_counter() - started, generation_tps)
 
     results = []
