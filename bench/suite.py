@@ -14,6 +14,7 @@ with the backend's defaults (backend/worker.py's ppo_config and dpo_config of `S
 
 Run: `.venv/bin/python bench/suite.py --algorithms dpo ppo --seeds 0 1 2` (docs/policy.md has the
 minutes each run took on 2 cores). `--set ppo_stop_kl=8` judges a candidate default the same way.
+`--report docs/suite-seed*.jsonl` prints the tables of rows stored before, without running anything.
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def report(paths: list[Path]) -> str:
+    """The row table and the summary of stored rows, one summary per distinct `--set` (the defaults: {})."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    by_settings: dict[str, list[dict]] = {}
+    for r in rows:
+        by_settings.setdefault(json.dumps(r.get("settings", {}), sort_keys=True), []).append(r)
+    return "\n\n".join(f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithms", nargs="+", default=["dpo", "ppo"], choices=ALGORITHMS)
@@ -126,7 +136,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="train on 108 questions instead of 36 (same held-out ones): 3x the rankings per seed")
     parser.add_argument("--set", nargs="+", default=[], metavar="SETTING=VALUE", type=setting_override,
                         help="judge a candidate default on the suite, e.g. --set ppo_stop_kl=8 (Settings' field names)")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="ROWS.jsonl",
+                        help="print the tables of these stored rows (from --json) and run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return
     overrides = dict(args.set)
     try:  # a wrong name or value fails here, before any sampling
         Settings(**overrides)

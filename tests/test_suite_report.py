@@ -1,0 +1,43 @@
+"""bench/suite.py's command line and its report of stored rows (no model runs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import suite  # noqa: E402
+
+
+def row(preference: str, seed: int, wins: int, losses: int, p_value: float, published: bool,
+        settings: dict | None = None) -> dict:
+    total = wins + losses + 4
+    return {"preference": preference, "seed": seed, "algorithm": "ppo", "pairs": 40, "wins": wins, "losses": losses,
+            "ties": 4, "win_rate": (wins + 2) / total, "p_value": p_value, "nll_base_answers": 2.0,
+            "nll_new_answers": 1.8, "held_out_kl": 3.0, "chars_base": 180.0, "chars_new": 150.0,
+            "rm_held_out_accuracy": 0.9, "rm_held_out_pairs": 30, "rm_held_out_accuracy_low": 0.75,
+            "published": published, "seconds": 600.0, "peak_rss_gb": 3.2, "settings": settings or {}}
+
+
+def test_report_summarises_each_candidate_default_apart_from_the_defaults(tmp_path):
+    kl8 = {"ppo_stop_kl": "8"}
+    rows = [row("shorter", 0, 30, 5, 1e-5, True), row("shorter", 1, 8, 9, 0.6, True),  # a published non-gain
+            row("shorter", 0, 31, 4, 1e-6, True, kl8), row("shorter", 1, 29, 6, 1e-4, False, kl8)]  # a withheld gain
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    defaults, candidate = suite.report([path]).split('settings {"ppo_stop_kl": "8"}')
+
+    assert "| ppo | 2 |" in defaults and "| 1 of 2 | 2 of 2 | 1 | 0 |" in defaults  # runs passing, published, non-gains, withheld
+    assert "| ppo | 2 |" in candidate and "| 2 of 2 | 1 of 2 | 0 | 1 |" in candidate
+
+
+def test_set_with_an_unknown_setting_is_a_usage_error_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        suite.main(["--set", "ppo_stop_kll=8"])
+    assert exit_.value.code == 2
+    assert "ppo_stop_kll" in capsys.readouterr().err
