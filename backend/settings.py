@@ -68,7 +68,7 @@ class Settings(BaseModel):
         0.03, ge=0, description="Per-token penalty on the previous policy's surprise at a sampled token beyond its entropy there (0 = off)")
     ppo_target_kl: float = Field(8.0, gt=0, description="Target KL per sequence (nats) of the adaptive KL controller")
     # 8, not 4: every suite run stopped on a budget of 4 after 3-7 of 16 steps; 8 won more tastes on seeds
-    # 0-1 and held on seed 2 (docs/policy.md, "A larger KL budget")
+    # 0-1 and held on seed 2 (docs/policy.md, "The KL budget on the whole suite")
     ppo_stop_kl: float = Field(
         8.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
     ppo_stop_nll_rise: float | None = Field(
