@@ -116,11 +116,15 @@ def summary(rows: list[dict]) -> str:
 
 
 def report(paths: list[Path]) -> str:
-    """The row table and the summary of stored rows, one summary per distinct `--set` (the defaults: {})."""
+    """The row table and the summary of stored rows, one summary per distinct `--set` (the defaults: {}).
+
+    Rows from before `--set` existed record no settings; they were made under the defaults of their day,
+    which may not be today's, so they get a summary of their own."""
     rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     by_settings: dict[str, list[dict]] = {}
     for r in rows:
-        by_settings.setdefault(json.dumps(r.get("settings", {}), sort_keys=True), []).append(r)
+        key = json.dumps(r["settings"], sort_keys=True) if "settings" in r else "not recorded (the defaults of their day)"
+        by_settings.setdefault(key, []).append(r)
     return "\n\n".join(f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items())
 
 

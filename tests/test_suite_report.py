@@ -36,6 +36,17 @@ def test_report_summarises_each_candidate_default_apart_from_the_defaults(tmp_pa
     assert "| ppo | 2 |" in candidate and "| 2 of 2 | 1 of 2 | 0 | 1 |" in candidate
 
 
+def test_report_keeps_rows_that_recorded_no_settings_apart_from_todays_defaults(tmp_path):
+    old = row("shorter", 0, 30, 5, 1e-5, True)
+    del old["settings"]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(old) + "\n" + json.dumps(row("shorter", 0, 8, 9, 0.6, True)) + "\n")
+
+    text = suite.report([path])
+
+    assert "settings {}:" in text and "settings not recorded" in text and text.count("| ppo | 1 |") == 2
+
+
 def test_set_with_an_unknown_setting_is_a_usage_error_before_anything_runs(capsys):
     with pytest.raises(SystemExit) as exit_:
         suite.main(["--set", "ppo_stop_kll=8"])
