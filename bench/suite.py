@@ -123,7 +123,8 @@ def report(paths: list[Path]) -> str:
     rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     by_settings: dict[str, list[dict]] = {}
     for r in rows:
-        key = json.dumps(r["settings"], sort_keys=True) if "settings" in r else "not recorded (the defaults of their day)"
+        key = (json.dumps(r["settings"], sort_keys=True) if "settings" in r
+               else "not recorded (the defaults of their day)")
         by_settings.setdefault(key, []).append(r)
     return "\n\n".join(f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items())
 

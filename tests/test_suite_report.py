@@ -32,7 +32,8 @@ def test_report_summarises_each_candidate_default_apart_from_the_defaults(tmp_pa
 
     defaults, candidate = suite.report([path]).split('settings {"ppo_stop_kl": "8"}')
 
-    assert "| ppo | 2 |" in defaults and "| 1 of 2 | 2 of 2 | 1 | 0 |" in defaults  # runs passing, published, non-gains, withheld
+    # the columns: runs passing, published, published non-gains, withheld gains
+    assert "| ppo | 2 |" in defaults and "| 1 of 2 | 2 of 2 | 1 | 0 |" in defaults
     assert "| ppo | 2 |" in candidate and "| 2 of 2 | 1 of 2 | 0 | 1 |" in candidate
 
 
