@@ -205,6 +205,11 @@ class Result:
     peak_rss_gb: float
     seconds: float
     samples: list[str] = field(default_factory=list)
+    # per held-out answer pair (new against base at the same index), so that a publish rule can be judged
+    # on stored rows without rerunning: the reward model's two scores and the taste's verdict (+1/0/-1)
+    rm_scores_new: list[float] = field(default_factory=list)
+    rm_scores_base: list[float] = field(default_factory=list)
+    taste_verdicts: list[int] = field(default_factory=list)
 
 
 def peak_rss_gb() -> float:
@@ -266,6 +271,9 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
         chars_new=mean_chars(new_answers), published=published, reason=reason,
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,
         samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::knobs.eval_samples], new_answers[::knobs.eval_samples])][:6],
+        rm_scores_new=[round(r, 4) for r in rewards_new], rm_scores_base=[round(r, 4) for r in rewards_base],
+        taste_verdicts=[(preference(n) > preference(b)) - (preference(n) < preference(b))
+                        for n, b in zip(new_answers, base_answers)],
     )
 
 

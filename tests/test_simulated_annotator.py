@@ -47,7 +47,7 @@ def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float,
                           eval_prompts, base_answers, knobs, max_kl)
 
 
-def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference(tiny_policy, tiny_encoder):
+def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference_and_records_each_pair(tiny_policy, tiny_encoder):
     # no KL penalty, 30 steps of 16: a random 2-layer policy moves little per step, and with 10 steps of
     # 8 whether it climbed at all changed from one PYTHONHASHSEED to the next
     knobs = Knobs(candidates=4, candidate_tokens=12, eval_samples=4, held_out=24, algorithm="ppo", ppo=PPOConfig(
@@ -58,6 +58,10 @@ def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference(tiny_
     assert result.pairs > 0
     assert result.reward_new > result.reward_base, result  # PPO climbed the reward model it was given
     assert result.win_rate > 0.5, result  # and so the hidden preference behind it
+    # the per-pair record a publish rule can be judged on later adds up to the row's own tally and means
+    assert (result.taste_verdicts.count(1), result.taste_verdicts.count(-1)) == (result.wins, result.losses)
+    assert len(result.rm_scores_new) == len(result.rm_scores_base) == len(result.taste_verdicts)
+    assert sum(result.rm_scores_new) / len(result.rm_scores_new) == pytest.approx(result.reward_new, abs=1e-3)
 
 
 def step(seconds: float, **extra: float) -> StepStats:
