@@ -47,7 +47,8 @@ def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float,
                           eval_prompts, base_answers, knobs, max_kl)
 
 
-def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference_and_records_each_pair(tiny_policy, tiny_encoder):
+def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference_and_records_each_pair(
+        tiny_policy, tiny_encoder):
     # no KL penalty, 30 steps of 16: a random 2-layer policy moves little per step, and with 10 steps of
     # 8 whether it climbed at all changed from one PYTHONHASHSEED to the next
     knobs = Knobs(candidates=4, candidate_tokens=12, eval_samples=4, held_out=24, algorithm="ppo", ppo=PPOConfig(
