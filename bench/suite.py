@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ppo_loop import MORE_NUMERIC, MORE_OPEN, Knobs, machine, run_experiment, sample, split_prompts  # noqa: E402
 from preference_suite import SUITE  # noqa: E402
 
+from backend.evaluation import REWARD_GAIN_Z, paired_prompt_difference, sign_test_p_value  # noqa: E402
 from backend.generation import sample_completions  # noqa: E402
 from backend.models import DEFAULT_ENCODER, DEFAULT_POLICY, load_causal_lm, load_encoder, resolve_encoder, resolve_policy  # noqa: E402
 from backend.reward import TextEncoder  # noqa: E402
@@ -115,6 +116,55 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def reward_gain_shown(new: list[float], base: list[float]) -> bool:
+    """Today's reward rule: the mean held-out reward rose by more than REWARD_GAIN_Z standard errors."""
+    gain, se = paired_prompt_difference(new, base, Knobs().eval_samples)
+    return gain - REWARD_GAIN_Z * se > 0
+
+
+def reward_model_prefers_new_answers(new: list[float], base: list[float]) -> bool:
+    """The reward model scores the new answer above the base answer of the same pair significantly
+    more often than the other way round (sign test, one-sided 5%): scale-free, so one long answer's
+    large score cannot carry it."""
+    wins, losses = sum(n > b for n, b in zip(new, base)), sum(n < b for n, b in zip(new, base))
+    return sign_test_p_value(wins, losses) < 0.05
+
+
+def reward_model_prefers_new_prompts(new: list[float], base: list[float]) -> bool:
+    """As above, over prompts (a prompt's mean new score against its mean base score): the pairs of one
+    prompt share its difficulty, so prompts are the independent units."""
+    k = Knobs().eval_samples
+    diffs = [sum(new[i:i + k]) - sum(base[i:i + k]) for i in range(0, len(new), k)]
+    return sign_test_p_value(sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)) < 0.05
+
+
+PUBLISH_RULES = {
+    "reward gain > 1.64 SE (today's)": reward_gain_shown,
+    "RM prefers new answers (sign test over pairs)": reward_model_prefers_new_answers,
+    "RM prefers new answers (sign test over prompts)": reward_model_prefers_new_prompts,
+}
+
+
+def publish_rule_table(rows: list[dict]) -> str:
+    """Each candidate reward rule on rows that recorded their per-pair scores, beside the guard rails'
+    other checks (KL, the reward model's accuracy bound) as the backend applies them."""
+    out = ["| publish rule | runs | published | published non-gains | of which losses | withheld gains | "
+           "mean served win-rate |", "|---|---|---|---|---|---|---|"]
+    defaults = Settings()
+    for name, rule in PUBLISH_RULES.items():
+        decided = []
+        for r in rows:
+            low = r["rm_held_out_accuracy_low"]
+            others = r["held_out_kl"] <= defaults.ppo_max_kl and (low is None or low >= defaults.ppo_min_rm_accuracy)
+            decided.append({**r, "published": others and rule(r["rm_scores_new"], r["rm_scores_base"])})
+        published = [r for r in decided if r["published"]]
+        out.append(f"| {name} | {len(decided)} | {len(published)} | {sum(not passes(r) for r in published)} | "
+                   f"{sum(r['win_rate'] < 0.5 for r in published)} | "
+                   f"{sum(passes(r) and not r['published'] for r in decided)} | "
+                   f"{sum(map(served_win_rate, decided)) / len(decided):.3f} |")
+    return "\n".join(out)
+
+
 def report(paths: list[Path]) -> str:
     """The row table and the summary of stored rows, one summary per distinct `--set` (the defaults: {}).
 
@@ -126,7 +176,12 @@ def report(paths: list[Path]) -> str:
         key = (json.dumps(r["settings"], sort_keys=True) if "settings" in r
                else "not recorded (the defaults of their day)")
         by_settings.setdefault(key, []).append(r)
-    return "\n\n".join(f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items())
+    parts = [f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items()]
+    recorded = [r for r in rows if r.get("rm_scores_new")]
+    if recorded:  # rows since the per-pair scores were recorded: the publish rules side by side
+        parts.append(f"publish rules on the {len(recorded)} runs that recorded per-pair scores:\n\n"
+                     + publish_rule_table(recorded))
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,3 +53,20 @@ def test_set_with_an_unknown_setting_is_a_usage_error_before_anything_runs(capsy
         suite.main(["--set", "ppo_stop_kll=8"])
     assert exit_.value.code == 2
     assert "ppo_stop_kll" in capsys.readouterr().err
+
+
+def test_report_puts_a_large_but_rare_reward_gain_through_the_mean_rule_and_not_through_the_sign_tests(tmp_path):
+    # 24 held-out prompts x 4 answers: the reward model scores the new answers 3 higher on 14 prompts and
+    # 1 lower on 10; the mean rises beyond 1.64 standard errors, but 14 of 24 prompts is no majority shown
+    base = [0.0] * 96
+    new = [3.0] * 56 + [-1.0] * 40
+    tie = {**row("addresses_reader", 0, 9, 8, 0.5, True), "rm_scores_new": new, "rm_scores_base": base}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(tie) + "\n")
+
+    rules = suite.report([path]).split("publish rules on the 1 runs")[1]
+
+    # runs, published, published non-gains, of which losses, withheld gains
+    assert "| reward gain > 1.64 SE (today's) | 1 | 1 | 1 | 0 | 0 |" in rules
+    assert "| RM prefers new answers (sign test over pairs) | 1 | 0 | 0 | 0 | 0 |" in rules
+    assert "| RM prefers new answers (sign test over prompts) | 1 | 0 | 0 | 0 | 0 |" in rules
