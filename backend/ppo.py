@@ -353,6 +353,21 @@ def drift_reason(kl: float, rise: float | None, stop_kl: float | None, stop_nll_
 # ----------------------------------------------------------------------------- models
 
 
+def steps_left(step: int, planned: int, kl: float | None, stop_kl: float | None) -> int:
+    """Steps a run has yet to take after `step` of `planned`, for its ETA.
+
+    Runs with a KL budget end on it long before their planned steps (every run of the preference suite
+    did, docs/policy.md), so the rollout KL's growth so far, taken as linear (KL per step = kl / step),
+    predicts when it will pass `stop_kl`; the run takes the step that passes it, then stops.
+    """
+    planned_left = max(0, planned - step)
+    if stop_kl is None or kl is None or not math.isfinite(kl) or kl <= 0:
+        return planned_left
+    if kl > stop_kl:  # this rollout passed the budget: the run stops now
+        return 0
+    return min(planned_left, max(0, math.floor((stop_kl - kl) / (kl / step))) + 1)
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of `module`'s trainable weights, by name: what an undone update is rolled back to."""
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
@@ -693,7 +708,8 @@ def train_ppo(
             step=step, reward_mean=scores.mean().item(), kl=kl_per_sequence, kl_coef=kl_coef, ref_nll=ref_nll,
             nll_rise=rise, excess_surprise=masked_mean(surprise, mask).item(),
             entropy=masked_mean(entropy, mask).item(), **losses, seconds=now - step_start,
-            eta_seconds=(now - started) / step * (config.steps - step), rollout_seconds=rollout_seconds,
+            eta_seconds=(now - started) / step * steps_left(step, config.steps, kl_per_sequence, config.stop_kl),
+            rollout_seconds=rollout_seconds,
             response_tokens=int(mask.sum()),
         ))
         _log_step(stats[-1], config.steps)

@@ -45,6 +45,7 @@ from backend.ppo import (
     lora_target_modules,
     peft_deprecation_silenced,
     prompt_batches,
+    steps_left,
     train_ppo,
     trainable_state,
 )
@@ -180,7 +181,7 @@ def _dataset(tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPO
 
 
 class _StepRecorder(TrainerCallback):
-    """Turns trl's per-step log into `StepStats`, with an ETA from the mean step time so far, and
+    """Turns trl's per-step log into `StepStats`, with an ETA from the mean step time so far (`steps_left`), and
     stops the run once a step's rollout KL passes `stop_kl`.
 
     trl logs step k after its update, from the rollout that the policy before it sampled. So, as
@@ -206,9 +207,9 @@ class _StepRecorder(TrainerCallback):
         kl = logs["kl"] * length if "kl" in logs else None
         extra = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)
                  and k not in ("reward", "kl", "entropy", "epoch", "step")}
+        eta = (now - self.started) / step * steps_left(step, self.steps, kl, self.stop_kl)
         s = StepStats(step=step, reward_mean=float(logs["reward"]), kl=kl, entropy=logs.get("entropy"),
-                      seconds=now - self.last, eta_seconds=(now - self.started) / step * (self.steps - step),
-                      extra=extra)
+                      seconds=now - self.last, eta_seconds=eta, extra=extra)
         self.last = now
         self.stats.append(s)
         log.info("%s step %d/%d: reward %.4f kl %s entropy %s | %.1fs eta %.0fs", args.run_name, s.step, self.steps,

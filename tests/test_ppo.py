@@ -34,6 +34,7 @@ from backend.ppo import (  # noqa: E402
     policy_loss,
     prompt_batches,
     response_mask,
+    steps_left,
     train_ppo,
     value_loss,
 )
@@ -343,3 +344,14 @@ def test_config_rejects_non_positive_stop_kl():
 def test_config_rejects_non_positive_stop_nll_rise():
     with pytest.raises(ValueError, match=r"PPOConfig.stop_nll_rise=-0.1 is invalid: set it to None or a float > 0"):
         PPOConfig(stop_nll_rise=-0.1)
+
+
+def test_eta_counts_the_steps_until_the_kl_budget_runs_out_not_the_planned_steps():
+    # 4 nats after 4 steps: 1 a step, so steps 5-8 reach the budget of 8 and step 9's rollout passes it
+    assert steps_left(4, planned=16, kl=4.0, stop_kl=8.0) == 5
+    assert steps_left(4, planned=6, kl=4.0, stop_kl=8.0) == 2  # the planned steps end first
+    assert steps_left(3, planned=16, kl=9.0, stop_kl=8.0) == 0  # this rollout passed it: the run stops now
+    # without a budget, or before any KL is measured, the planned steps are what is left
+    assert steps_left(4, planned=16, kl=4.0, stop_kl=None) == 12
+    assert steps_left(1, planned=16, kl=0.0, stop_kl=8.0) == 15
+    assert steps_left(2, planned=16, kl=None, stop_kl=8.0) == 14
