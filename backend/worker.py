@@ -589,6 +589,10 @@ def run_job(worker: Worker, store: Store, job: Job) -> None:
         return
     store.finish_job(job.id)
     log.info("job %d (%s) done in %.1fs", job.id, job.kind, time.perf_counter() - started)
+    if job.kind == "train_policy" and job.project_id is not None:
+        # rankings that arrived while it ran found an update active and queued none; without this they would
+        # wait for the next annotation. Not after a failure: a failed run records no pairs seen, so it would repeat
+        worker.queue_policy_update_if_due(job.project_id)
 
 
 class Heartbeat(threading.Thread):

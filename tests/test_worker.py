@@ -14,7 +14,7 @@ from backend.reward import is_held_out
 from backend.reward_training import wilson_interval
 from backend.settings import Settings, load_settings
 from backend.store import Job, Store
-from backend.worker import Worker, split_held_out, training_device
+from backend.worker import Worker, run_job, split_held_out, training_device
 
 RANKER = (Path(__file__).resolve().parents[1] / "templates" / "ranker.xml").read_text()
 PROMPTS = [f"Question number {i}: what is {i} plus {i}?" for i in range(30)]
@@ -144,6 +144,24 @@ def test_a_refused_policy_update_waits_for_new_pairs_before_it_is_queued_again(t
     seed_project(worker.store, annotated=18)  # six new pairs since the refused run
     worker.queue_policy_update_if_due(1)
     assert worker.store.has_active_job("train_policy", 1)
+
+
+def test_rankings_that_arrive_during_a_policy_update_queue_the_next_one_when_it_ends(tiny_env, monkeypatch):
+    worker = make_worker(tiny_env, ppo_min_reward_gain=0.0, ppo_trigger_pairs=6)
+    arriving = [18]  # annotated tasks once the first update is judged: six new pairs while it ran
+
+    def judged_while_annotators_rank(*args, **kwargs):
+        if arriving:
+            seed_project(worker.store, annotated=arriving.pop())
+        return HeldOutComparison(kl=0.5, reward_new=0.0, reward_old=0.0, nll_rise=0.0, reward_se=0.1)
+
+    monkeypatch.setattr("backend.worker.compare_on_held_out", judged_while_annotators_rank)
+    seed_project(worker.store, annotated=12)
+    worker.fit_reward(job("fit_reward"))
+    run_job(worker, worker.store, worker.store.claim_job("w"))
+    assert worker.store.has_active_job("train_policy", 1)  # queued for the six pairs, with no new annotation
+    run_job(worker, worker.store, worker.store.claim_job("w"))
+    assert not worker.store.has_active_job("train_policy", 1)  # nothing arrived during this one: the loop rests
 
 
 def test_too_few_held_out_prompts_to_show_a_gain_refuses_before_training(tiny_env):
