@@ -117,6 +117,19 @@ def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, promp
     return float(-sums.sum() / counts.sum())
 
 
+def held_out_nll_rise(old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             new_answers: list[str], old_answers: list[str], samples: int) -> tuple[float, float]:
+    """(rise, standard error): how much the old policy's NLL per token of the new answers exceeds its NLL of
+    its own answers to the same prompts. The rise pools every token; its standard error is that of the
+    per-prompt difference, `samples` consecutive answers per prompt as `sample_completions` returns them."""
+    pooled, per_prompt = [], []
+    for answers in (new_answers, old_answers):
+        sums, counts = answer_logprobs(old_model, tokenizer, prompts, answers)
+        pooled.append(float(-sums.sum() / counts.sum().clamp(min=1)))
+        per_prompt.append((-sums.view(-1, samples).sum(-1) / counts.view(-1, samples).sum(-1).clamp(min=1)).tolist())
+    return pooled[0] - pooled[1], paired_prompt_difference(per_prompt[0], per_prompt[1], samples=1)[1]
+
+
 def sampled_kl(new_model: PreTrainedModel, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                prompts: list[str], new_answers: list[str]) -> float:
     """KL(new || base) in nats per answer, estimated as mean(log p_new - log p_base) on answers sampled from new.
@@ -188,19 +201,15 @@ def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, 
                          for a in group]
     repeated = [p for p in prompts for _ in range(samples)]
     rewards = {name: reward_fn(repeated, texts) for name, texts in answers.items()}
-    # the old policy's NLL per token, pooled over every answer for the rise and over each prompt's for its spread
-    logprobs = {name: answer_logprobs(old_model, tokenizer, repeated, texts) for name, texts in answers.items()}
-    pooled = {name: float(-sums.sum() / counts.sum().clamp(min=1)) for name, (sums, counts) in logprobs.items()}
-    per_prompt = {name: (-sums.view(-1, samples).sum(-1) / counts.view(-1, samples).sum(-1).clamp(min=1)).tolist()
-                  for name, (sums, counts) in logprobs.items()}
+    rise, rise_se = held_out_nll_rise(old_model, tokenizer, repeated, answers["new"], answers["old"], samples)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return HeldOutComparison(
         kl=sampled_kl(new_model, old_model, tokenizer, repeated, answers["new"]),
         reward_new=mean(rewards["new"]),
         reward_old=mean(rewards["old"]),
-        nll_rise=pooled["new"] - pooled["old"],
+        nll_rise=rise,
         reward_se=paired_prompt_difference(rewards["new"], rewards["old"], samples)[1],
-        nll_rise_se=paired_prompt_difference(per_prompt["new"], per_prompt["old"], samples=1)[1],
+        nll_rise_se=rise_se,
     )
 
 

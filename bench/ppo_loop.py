@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from backend.evaluation import (  # noqa: E402
     answer_nll,
+    held_out_nll_rise,
     paired_prompt_difference,
     sampled_kl,
     should_publish,
@@ -196,6 +197,7 @@ class Result:
     p_value: float
     nll_base_answers: float  # under the base policy, nats per token
     nll_new_answers: float
+    nll_rise_se: float  # standard error of the rise, paired by prompt: the guard rails' fluency check counts it
     reward_base: float  # mean reward-model score of held-out answers
     reward_new: float
     chars_base: float  # mean answer length in characters: shows whether a win came from length alone
@@ -255,10 +257,11 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     reward_new, reward_base = sum(rewards_new) / len(rewards_new), sum(rewards_base) / len(rewards_base)
     _, reward_se = paired_prompt_difference(rewards_new, rewards_base, knobs.eval_samples)
     kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
+    rise, rise_se = held_out_nll_rise(base, tokenizer, eval_prompts, new_answers, base_answers, knobs.eval_samples)
     # the reward model's accuracy stands in for the product's check on held-out human pairs
     published, reason = should_publish(kl, max_kl, reward_new, reward_base, reward_se=reward_se,
-                                       rm_accuracy_low=rm_accuracy_low,
-                                       min_rm_accuracy=Settings().ppo_min_rm_accuracy)
+                                       rm_accuracy_low=rm_accuracy_low, min_rm_accuracy=Settings().ppo_min_rm_accuracy,
+                                       nll_rise=rise, max_nll_rise=Settings().ppo_max_nll_rise, nll_rise_se=rise_se)
     return Result(
         preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, rm_held_out_pairs=judged,
         rm_held_out_accuracy_low=rm_accuracy_low, algorithm=knobs.algorithm,
@@ -266,7 +269,7 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
         final_train_kl=stats[-1].kl if stats else None, held_out_kl=kl, wins=t.wins, losses=t.losses, ties=t.ties,
         win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
         nll_base_answers=answer_nll(base, tokenizer, eval_prompts, base_answers),
-        nll_new_answers=answer_nll(base, tokenizer, eval_prompts, new_answers),
+        nll_new_answers=answer_nll(base, tokenizer, eval_prompts, new_answers), nll_rise_se=rise_se,
         reward_base=reward_base, reward_new=reward_new, chars_base=mean_chars(base_answers),
         chars_new=mean_chars(new_answers), published=published, reason=reason,
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,

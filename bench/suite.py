@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ppo_loop import MORE_NUMERIC, MORE_OPEN, Knobs, machine, run_experiment, sample, split_prompts  # noqa: E402
 from preference_suite import SUITE  # noqa: E402
 
-from backend.evaluation import REWARD_GAIN_Z, paired_prompt_difference, sign_test_p_value  # noqa: E402
+from backend.evaluation import NLL_RISE_Z, REWARD_GAIN_Z, paired_prompt_difference, sign_test_p_value  # noqa: E402
 from backend.generation import sample_completions  # noqa: E402
 from backend.models import DEFAULT_ENCODER, DEFAULT_POLICY, load_causal_lm, load_encoder, resolve_encoder, resolve_policy  # noqa: E402
 from backend.reward import TextEncoder  # noqa: E402
@@ -147,15 +147,18 @@ PUBLISH_RULES = {
 
 def publish_rule_table(rows: list[dict]) -> str:
     """Each candidate reward rule on rows that recorded their per-pair scores, beside the guard rails'
-    other checks (KL, the reward model's accuracy bound) as the backend applies them."""
+    other checks as the backend applies them: KL, fluency (rows from before the bench recorded the rise's
+    standard error are held to its point estimate) and the reward model's accuracy bound."""
     out = ["| publish rule | runs | published | published non-gains | of which losses | withheld gains | "
            "mean served win-rate |", "|---|---|---|---|---|---|---|"]
     defaults = Settings()
     for name, rule in PUBLISH_RULES.items():
         decided = []
         for r in rows:
-            low = r["rm_held_out_accuracy_low"]
-            others = r["held_out_kl"] <= defaults.ppo_max_kl and (low is None or low >= defaults.ppo_min_rm_accuracy)
+            low, rise = r["rm_held_out_accuracy_low"], r["nll_new_answers"] - r["nll_base_answers"]
+            fluent = rise + NLL_RISE_Z * r.get("nll_rise_se", 0.0) <= defaults.ppo_max_nll_rise
+            others = fluent and r["held_out_kl"] <= defaults.ppo_max_kl and (
+                low is None or low >= defaults.ppo_min_rm_accuracy)
             decided.append({**r, "published": others and rule(r["rm_scores_new"], r["rm_scores_base"])})
         published = [r for r in decided if r["published"]]
         out.append(f"| {name} | {len(decided)} | {len(published)} | {sum(not passes(r) for r in published)} | "

@@ -70,3 +70,16 @@ def test_report_puts_a_large_but_rare_reward_gain_through_the_mean_rule_and_not_
     assert "| reward gain > 1.64 SE (today's) | 1 | 1 | 1 | 0 | 0 |" in rules
     assert "| RM prefers new answers (sign test over pairs) | 1 | 0 | 0 | 0 | 0 |" in rules
     assert "| RM prefers new answers (sign test over prompts) | 1 | 0 | 0 | 0 | 0 |" in rules
+
+
+def test_report_publishes_under_no_rule_a_gain_whose_answers_are_not_shown_fluent(tmp_path):
+    # every new answer scores higher, but their NLL rose 0.40 +- 0.10: 0.40 + 1.64 x 0.10 > PPO_MAX_NLL_RISE 0.5
+    drifted = {**row("warm_tone", 0, 30, 5, 1e-5, True), "nll_new_answers": 2.4, "nll_rise_se": 0.1,
+               "rm_scores_new": [1.0 + i % 3 for i in range(96)], "rm_scores_base": [0.0] * 96}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(drifted) + "\n")
+
+    rules = suite.report([path]).split("publish rules on the 1 runs")[1]
+
+    assert rules.count("| 1 | 0 | 0 | 0 | 1 |") == len(suite.PUBLISH_RULES)  # each rule withholds this gain
+    assert "| 1 | 1 |" not in rules
