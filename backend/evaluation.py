@@ -118,7 +118,7 @@ def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, promp
 
 
 def held_out_nll_rise(old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             new_answers: list[str], old_answers: list[str], samples: int) -> tuple[float, float]:
+                      new_answers: list[str], old_answers: list[str], samples: int) -> tuple[float, float]:
     """(rise, standard error): how much the old policy's NLL per token of the new answers exceeds its NLL of
     its own answers to the same prompts. The rise pools every token; its standard error is that of the
     per-prompt difference, `samples` consecutive answers per prompt as `sample_completions` returns them."""

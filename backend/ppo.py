@@ -350,9 +350,6 @@ def drift_reason(kl: float, rise: float | None, stop_kl: float | None, stop_nll_
     return None
 
 
-# ----------------------------------------------------------------------------- models
-
-
 def steps_left(step: int, planned: int, kl: float | None, stop_kl: float | None) -> int:
     """Steps a run has yet to take after `step` of `planned`, for its ETA.
 
@@ -366,6 +363,9 @@ def steps_left(step: int, planned: int, kl: float | None, stop_kl: float | None)
     if kl > stop_kl:  # this rollout passed the budget: the run stops now
         return 0
     return min(planned_left, max(0, math.floor((stop_kl - kl) / (kl / step))) + 1)
+
+
+# ----------------------------------------------------------------------------- models
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
