@@ -117,17 +117,18 @@ def answer_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, promp
     return float(-sums.sum() / counts.sum())
 
 
-def held_out_nll_rise(old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                      new_answers: list[str], old_answers: list[str], samples: int) -> tuple[float, float]:
-    """(rise, standard error): how much the old policy's NLL per token of the new answers exceeds its NLL of
-    its own answers to the same prompts. The rise pools every token; its standard error is that of the
-    per-prompt difference, `samples` consecutive answers per prompt as `sample_completions` returns them."""
+def held_out_nll(old_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                 new_answers: list[str], old_answers: list[str], samples: int) -> tuple[float, float, float]:
+    """(NLL of the new answers, NLL of the old policy's own answers, standard error of the rise): the old
+    policy's NLL per token, pooled over every token; the rise is the first minus the second, and its
+    standard error that of the per-prompt difference, `samples` consecutive answers per prompt as
+    `sample_completions` returns them."""
     pooled, per_prompt = [], []
     for answers in (new_answers, old_answers):
         sums, counts = answer_logprobs(old_model, tokenizer, prompts, answers)
         pooled.append(float(-sums.sum() / counts.sum().clamp(min=1)))
         per_prompt.append((-sums.view(-1, samples).sum(-1) / counts.view(-1, samples).sum(-1).clamp(min=1)).tolist())
-    return pooled[0] - pooled[1], paired_prompt_difference(per_prompt[0], per_prompt[1], samples=1)[1]
+    return pooled[0], pooled[1], paired_prompt_difference(per_prompt[0], per_prompt[1], samples=1)[1]
 
 
 def sampled_kl(new_model: PreTrainedModel, base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -201,13 +202,13 @@ def compare_on_held_out(new_model: PreTrainedModel, old_model: PreTrainedModel, 
                          for a in group]
     repeated = [p for p in prompts for _ in range(samples)]
     rewards = {name: reward_fn(repeated, texts) for name, texts in answers.items()}
-    rise, rise_se = held_out_nll_rise(old_model, tokenizer, repeated, answers["new"], answers["old"], samples)
+    nll_new, nll_old, rise_se = held_out_nll(old_model, tokenizer, repeated, answers["new"], answers["old"], samples)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return HeldOutComparison(
         kl=sampled_kl(new_model, old_model, tokenizer, repeated, answers["new"]),
         reward_new=mean(rewards["new"]),
         reward_old=mean(rewards["old"]),
-        nll_rise=rise,
+        nll_rise=nll_new - nll_old,
         reward_se=paired_prompt_difference(rewards["new"], rewards["old"], samples)[1],
         nll_rise_se=rise_se,
     )

@@ -41,8 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from backend.evaluation import (  # noqa: E402
-    answer_nll,
-    held_out_nll_rise,
+    held_out_nll,
     paired_prompt_difference,
     sampled_kl,
     should_publish,
@@ -257,19 +256,20 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     reward_new, reward_base = sum(rewards_new) / len(rewards_new), sum(rewards_base) / len(rewards_base)
     _, reward_se = paired_prompt_difference(rewards_new, rewards_base, knobs.eval_samples)
     kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
-    rise, rise_se = held_out_nll_rise(base, tokenizer, eval_prompts, new_answers, base_answers, knobs.eval_samples)
+    nll_new, nll_base, rise_se = held_out_nll(base, tokenizer, eval_prompts, new_answers, base_answers,
+                                              knobs.eval_samples)
     # the reward model's accuracy stands in for the product's check on held-out human pairs
     published, reason = should_publish(kl, max_kl, reward_new, reward_base, reward_se=reward_se,
                                        rm_accuracy_low=rm_accuracy_low, min_rm_accuracy=Settings().ppo_min_rm_accuracy,
-                                       nll_rise=rise, max_nll_rise=Settings().ppo_max_nll_rise, nll_rise_se=rise_se)
+                                       nll_rise=nll_new - nll_base, max_nll_rise=Settings().ppo_max_nll_rise,
+                                       nll_rise_se=rise_se)
     return Result(
         preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, rm_held_out_pairs=judged,
         rm_held_out_accuracy_low=rm_accuracy_low, algorithm=knobs.algorithm,
         ppo_steps=len(stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
         final_train_kl=stats[-1].kl if stats else None, held_out_kl=kl, wins=t.wins, losses=t.losses, ties=t.ties,
         win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
-        nll_base_answers=answer_nll(base, tokenizer, eval_prompts, base_answers),
-        nll_new_answers=answer_nll(base, tokenizer, eval_prompts, new_answers), nll_rise_se=rise_se,
+        nll_base_answers=nll_base, nll_new_answers=nll_new, nll_rise_se=rise_se,
         reward_base=reward_base, reward_new=reward_new, chars_base=mean_chars(base_answers),
         chars_new=mean_chars(new_answers), published=published, reason=reason,
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,

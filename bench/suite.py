@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, replace
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ppo_loop import MORE_NUMERIC, MORE_OPEN, Knobs, machine, run_experiment, sample, split_prompts  # noqa: E402
 from preference_suite import SUITE  # noqa: E402
 
-from backend.evaluation import NLL_RISE_Z, REWARD_GAIN_Z, paired_prompt_difference, sign_test_p_value  # noqa: E402
+from backend.evaluation import REWARD_GAIN_Z, paired_prompt_difference, should_publish, sign_test_p_value  # noqa: E402
 from backend.generation import sample_completions  # noqa: E402
 from backend.models import DEFAULT_ENCODER, DEFAULT_POLICY, load_causal_lm, load_encoder, resolve_encoder, resolve_policy  # noqa: E402
 from backend.reward import TextEncoder  # noqa: E402
@@ -152,14 +153,16 @@ def publish_rule_table(rows: list[dict]) -> str:
     out = ["| publish rule | runs | published | published non-gains | of which losses | withheld gains | "
            "mean served win-rate |", "|---|---|---|---|---|---|---|"]
     defaults = Settings()
+    # the guard rails with their reward check switched off: every gain clears a minimum of minus infinity
+    others = [should_publish(r["held_out_kl"], defaults.ppo_max_kl, 0.0, 0.0, min_reward_gain=-math.inf,
+                             rm_accuracy_low=r["rm_held_out_accuracy_low"],
+                             min_rm_accuracy=defaults.ppo_min_rm_accuracy,
+                             nll_rise=r["nll_new_answers"] - r["nll_base_answers"],
+                             max_nll_rise=defaults.ppo_max_nll_rise, nll_rise_se=r.get("nll_rise_se", 0.0))[0]
+              for r in rows]
     for name, rule in PUBLISH_RULES.items():
-        decided = []
-        for r in rows:
-            low, rise = r["rm_held_out_accuracy_low"], r["nll_new_answers"] - r["nll_base_answers"]
-            fluent = rise + NLL_RISE_Z * r.get("nll_rise_se", 0.0) <= defaults.ppo_max_nll_rise
-            others = fluent and r["held_out_kl"] <= defaults.ppo_max_kl and (
-                low is None or low >= defaults.ppo_min_rm_accuracy)
-            decided.append({**r, "published": others and rule(r["rm_scores_new"], r["rm_scores_base"])})
+        decided = [{**r, "published": ok and rule(r["rm_scores_new"], r["rm_scores_base"])}
+                   for r, ok in zip(rows, others)]
         published = [r for r in decided if r["published"]]
         out.append(f"| {name} | {len(decided)} | {len(published)} | {sum(not passes(r) for r in published)} | "
                    f"{sum(r['win_rate'] < 0.5 for r in published)} | "
