@@ -13,10 +13,12 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
           reward model (backend/dpo.py); the reward model still judges the result on held-out prompts.
 trl reads from the config: steps, batch_size (prompts per step), learning_rate, warmup_steps,
 max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as
-epsilon), and stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
-trl's RLOO ran to a KL of 17.5 nats in 16 steps, docs/ppo.md). It does one optimisation pass per rollout and
-has no value head or adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value,
-vf_coef, target_kl, fluency_coef and stop_nll_rise are PPO's alone.
+epsilon), stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
+trl's RLOO ran to a KL of 17.5 nats in 16 steps, docs/ppo.md), and fluency_coef, the weight of a
+second reward function: PPO's per-token fluency penalty summed over each completion
+(`fluency_reward_function`). It does one optimisation pass per rollout and has no value head or
+adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl and
+stop_nll_rise are PPO's alone.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ from backend.ppo import (
     PPOConfig,
     PPOStepStats,
     RewardFn,
+    entropy_from_logits,
+    excess_surprise,
     load_trainable_state,
     lora_target_modules,
     peft_deprecation_silenced,
     prompt_batches,
     steps_left,
+    token_logprobs,
     train_ppo,
     trainable_state,
 )
@@ -169,6 +174,52 @@ def trl_reward_function(reward_fn: RewardFn) -> Callable[..., list[float]]:
     return reward_model
 
 
+def fluency_reward_function(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, temperature: float,
+                            batch_size: int = 8) -> Callable[..., list[float]]:
+    """A trl reward function: minus the `excess_surprise` of `reference` summed over each completion's tokens.
+
+    PPO's fluency penalty (backend/ppo.py) as a sequence reward, so that GRPO and RLOO pay for drifting
+    into text the reference finds unlikely as PPO does: without it GRPO won "shorter" 0.958 while its
+    answers' NLL under the base policy rose +1.64 nats/token (docs/policy.md). Its expectation is 0 on
+    the reference's own samples at any length, so it favours neither short nor long answers. Scored on
+    trl's `completion_ids` (eos included, as sampled) after the prompt as `render_prompt` renders it.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @torch.no_grad()
+    def fluency(prompts: list, completions: list, completion_ids: list[list[int]], raw_prompt: list[str],
+                **_: object) -> list[float]:
+        penalties: list[float] = []
+        for start in range(0, len(completion_ids), batch_size):
+            rows = [(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"], list(c))
+                    for p, c in zip(raw_prompt[start:start + batch_size], completion_ids[start:start + batch_size])]
+            length, width = max(len(p) + len(c) for p, c in rows), max(len(c) for _, c in rows)
+            if width == 0:
+                penalties += [0.0] * len(rows)
+                continue
+            ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (b, L) right-padded prompt + completion
+            attention = torch.zeros_like(ids)  # (b, L)
+            tokens = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, R) the completion tokens
+            mask = torch.zeros_like(tokens)  # (b, R)
+            at = torch.zeros((len(rows), width), dtype=torch.long)  # (b, R) position predicting each token
+            for i, (p, c) in enumerate(rows):
+                ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+                attention[i, :len(p) + len(c)] = 1
+                tokens[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+                mask[i, :len(c)] = 1
+                at[i, :len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            logits = reference(input_ids=ids.to(reference.device), attention_mask=attention.to(reference.device),
+                               use_cache=False).logits  # (b, L, V)
+            logits = logits.gather(1, at.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, R, V)
+            tokens, mask = tokens.to(logits.device), mask.to(logits.device)
+            surprise = excess_surprise(token_logprobs(logits, tokens, temperature),
+                                       entropy_from_logits(logits, temperature), mask)  # (b, R)
+            penalties += (-surprise.sum(-1)).tolist()
+        return penalties
+
+    return fluency
+
+
 def _dataset(tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig):
     """`steps * batch_size` rows in PPO's prompt order: conversational with a chat template, else rendered text."""
     from datasets import Dataset  # imported here: `datasets` is only needed by the trl algorithms
@@ -208,7 +259,9 @@ class _StepRecorder(TrainerCallback):
         extra = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)
                  and k not in ("reward", "kl", "entropy", "epoch", "step")}
         eta = (now - self.started) / step * steps_left(step, self.steps, kl, self.stop_kl)
-        s = StepStats(step=step, reward_mean=float(logs["reward"]), kl=kl, entropy=logs.get("entropy"),
+        # the reward model's own mean: trl's "reward" adds the fluency penalty's weighted mean to it
+        reward = logs.get("rewards/reward_model/mean", logs["reward"])
+        s = StepStats(step=step, reward_mean=float(reward), kl=kl, entropy=logs.get("entropy"),
                       seconds=now - self.last, eta_seconds=eta, extra=extra)
         self.last = now
         self.stats.append(s)
@@ -242,6 +295,10 @@ def _train_trl(
     if config.lora_rank > 0:
         peft_config = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
                                  target_modules=lora_target_modules(policy), bias="none", task_type="CAUSAL_LM")
+    reward_funcs, reward_weights = [trl_reward_function(reward_fn)], None
+    if config.fluency_coef > 0:  # `model` is the previous policy: the reference, as in PPO
+        reward_funcs.append(fluency_reward_function(model, tokenizer, config.temperature))
+        reward_weights = [1.0, config.fluency_coef]
     recorder = _StepRecorder(config.steps, on_step, config.stop_kl)
     with tempfile.TemporaryDirectory(prefix=f"rl-{algorithm}-") as output_dir:
         args = Config(
@@ -257,11 +314,11 @@ def _train_trl(
             warmup_steps=config.warmup_steps,
             max_grad_norm=config.max_grad_norm, beta=config.init_kl_coef, epsilon=config.cliprange,
             max_completion_length=config.max_new_tokens, temperature=config.temperature, top_k=0, top_p=1.0,
-            log_completions=False,
+            log_completions=False, reward_weights=reward_weights,
         )
         with peft_deprecation_silenced():
             trainer = Trainer(
-                model=policy, reward_funcs=[trl_reward_function(reward_fn)], args=args,
+                model=policy, reward_funcs=reward_funcs, args=args,
                 train_dataset=_dataset(tokenizer, prompts, config), processing_class=tokenizer,
                 callbacks=[recorder], peft_config=peft_config,
             )

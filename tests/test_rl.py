@@ -11,7 +11,8 @@ import torch
 
 from backend.models import load_causal_lm
 from backend.ppo import PPOConfig
-from backend.rl import StepStats, improve_policy, trl_reward_function
+from backend.generation import render_prompt
+from backend.rl import StepStats, fluency_reward_function, improve_policy, trl_reward_function
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke.", "How do I bake bread?"]
 
@@ -63,6 +64,51 @@ def test_trl_reward_function_scores_raw_prompt_and_text_of_conversational_comple
 def test_trl_reward_function_scores_plain_text_completions():
     reward = trl_reward_function(lambda p, r: [float(len(x)) for x in r])
     assert reward(prompts=["<|im_start|>user\nHi?"], completions=["ab ", "abc"], raw_prompt=["Hi?", "Hi?"]) == [2.0, 3.0]
+
+
+def extreme_continuation(model, tokenizer, prompt: str, tokens: int, likeliest: bool) -> list[int]:
+    """`tokens` tokens after the rendered prompt, each the reference's likeliest (or least likely) next one."""
+    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(tokens):
+            sequence = torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1)
+            logits = model(input_ids=sequence.to(model.device)).logits
+            out.append(int(logits[0, -1].argmax() if likeliest else logits[0, -1].argmin()))
+    return out
+
+
+def test_fluency_reward_pays_the_reference_s_likeliest_tokens_and_charges_its_unlikeliest(tiny):
+    model, tokenizer = tiny
+    fluency = fluency_reward_function(model, tokenizer, temperature=1.0)
+    likely = extreme_continuation(model, tokenizer, PROMPTS[0], 6, likeliest=True)
+    unlikely = extreme_continuation(model, tokenizer, PROMPTS[0], 6, likeliest=False)
+    # -log p of the likeliest token is at most the entropy there, of the least likely at least
+    good, bad = fluency(prompts=None, completions=None, completion_ids=[likely, unlikely],
+                        raw_prompt=PROMPTS[:1] * 2)
+    assert good > 0 > bad
+
+
+def test_fluency_reward_of_a_completion_does_not_depend_on_its_batch_or_padding(tiny):
+    model, tokenizer = tiny
+    fluency = fluency_reward_function(model, tokenizer, temperature=1.0)
+    short = extreme_continuation(model, tokenizer, PROMPTS[1], 2, likeliest=False)
+    long = extreme_continuation(model, tokenizer, PROMPTS[2], 7, likeliest=True)
+    together = fluency(prompts=None, completions=None, completion_ids=[short, long, []],
+                       raw_prompt=PROMPTS[1:] + PROMPTS[:1])
+    alone = [fluency(prompts=None, completions=None, completion_ids=[c], raw_prompt=[p])[0]
+             for c, p in ((short, PROMPTS[1]), (long, PROMPTS[2]))]
+    assert together[:2] == pytest.approx(alone, abs=1e-4) and together[2] == 0.0
+
+
+def test_grpo_with_a_fluency_coef_logs_the_penalty_apart_from_the_reward_model(tiny):
+    model, tokenizer = tiny
+    config = PPOConfig(steps=1, batch_size=2, mini_batch_size=1, max_new_tokens=8, lora_rank=4, fluency_coef=0.5)
+    _, stats = improve_policy("grpo", model, tokenizer, PROMPTS, count_a_reward, config, group_size=2)
+    extra = stats[0].extra
+    assert math.isfinite(extra["rewards/fluency/mean"]) and extra["rewards/fluency/mean"] != 0
+    # the step's reward is the reward model's alone; trl's own sum weighs the penalty in
+    assert stats[0].reward_mean == pytest.approx(extra["rewards/reward_model/mean"])
 
 
 def test_improve_policy_rejects_unknown_algorithm(tiny):
