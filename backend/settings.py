@@ -53,6 +53,8 @@ class Settings(BaseModel):
 
     # --- training triggers and the RL step ---
     ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
+    ppo_trigger_quiet_seconds: float = Field(
+        10.0, ge=0, le=600, description="A triggered policy update first waits until no ranking has arrived for this long (at most 12 times as long), so a burst of rankings trains one update (0 = start at once)")
     ppo_min_rm_accuracy: float = Field(
         0.5, ge=0, le=1, description="No policy update while the lower 95% bound of the reward model's held-out accuracy is below this (0.5: until it is shown better than chance)")
     rl_algorithm: Literal["ppo", "grpo", "rloo", "dpo"] = Field(

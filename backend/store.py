@@ -488,6 +488,12 @@ class Store:
         with self.reading() as s:
             return s.scalar(select(func.max(PairRow.id)).where(PairRow.project_id == project_id)) or 0
 
+    def last_pair_at(self, project_id: int) -> datetime | None:
+        """When the project's newest pair was stored (None: it has none)."""
+        with self.reading() as s:
+            stamp = s.scalar(select(func.max(PairRow.created_at)).where(PairRow.project_id == project_id))
+        return None if stamp is None else _aware(stamp)
+
     # --- model versions: one lineage of each kind per project ---
     def publish_version(self, kind: str, project_id: int, version: int, path: str, pairs_seen: int,
                         metrics: dict, serving: bool = True) -> int:

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -58,6 +59,9 @@ HELD_OUT_SAMPLES = 16
 # the web workers put webhook acks at p99 90 ms under 50 requests/s; niced, see docs/queue.md
 WORKER_NICENESS = 10
 QUEUE_RETRY_SECONDS = 5.0  # between tries to reach a job queue that is down
+# a triggered update waits for the rankings to pause at most this many PPO_TRIGGER_QUIET_SECONDS: annotators who
+# never pause for that long (quick pairwise clicks) still get an update within two minutes by default
+QUIET_WAIT_LIMIT = 12
 
 
 class CoreShare:
@@ -277,6 +281,21 @@ class Worker:
         while self.store.has_active_job("sync", project_id) and time.monotonic() < deadline:
             time.sleep(0.5)
 
+    def wait_for_rankings_to_pause(self, project_id: int) -> None:
+        """Wait until no pair has arrived for PPO_TRIGGER_QUIET_SECONDS, at most QUIET_WAIT_LIMIT times as long.
+
+        The trigger fires on the PPO_TRIGGER_PAIRS-th new pair, but pairs often come in bursts (an annotator
+        ranking a queue of quick tasks, a sync, a scripted annotator): an update started at once would train
+        on the first pairs of the burst, and the rest would wait minutes for the next update. Rankings at
+        a human pace (one task every 10 s or more) barely delay it."""
+        quiet = self.settings.ppo_trigger_quiet_seconds
+        deadline = time.monotonic() + QUIET_WAIT_LIMIT * quiet
+        while (last := self.store.last_pair_at(project_id)) is not None:
+            idle, left = (datetime.now(UTC) - last).total_seconds(), deadline - time.monotonic()
+            if idle >= quiet or left <= 0:
+                return
+            time.sleep(min(quiet - idle, left))
+
     def train_policy(self, job: Job) -> None:
         """The project's reward model + prompts -> RL -> its new policy version, published only past the guard rails."""
         settings, project_id = self.settings, job.project_id
@@ -288,6 +307,7 @@ class Worker:
                                  "verdict in its blind comparisons", project=project_id)
             return
         self.wait_for_syncs(project_id)
+        self.wait_for_rankings_to_pause(project_id)
         last_pair_id = self.store.max_pair_id(project_id)
         serving = self.registry.policy(project_id)  # publishes v0 on first use
         shown = self.project_prompts(project_id)  # prompt -> candidate texts annotators saw

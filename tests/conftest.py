@@ -45,6 +45,8 @@ def tiny_env(tmp_path, tiny_policy, tiny_encoder) -> dict[str, str]:
         "NUM_CANDIDATES": "3",
         "MAX_NEW_TOKENS": "8",
         "PPO_TRIGGER_PAIRS": "6",
+        # tests rank and train within a second: the pause a real burst of rankings gets has a test of its own
+        "PPO_TRIGGER_QUIET_SECONDS": "0",
         "PPO_STEPS": "2",
         "PPO_BATCH_SIZE": "2",
         # a random tiny reward model is no judge: the guard rails have tests of their own (test_worker.py)

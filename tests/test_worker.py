@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +164,43 @@ def test_rankings_that_arrive_during_a_policy_update_queue_the_next_one_when_it_
     assert worker.store.has_active_job("train_policy", 1)  # queued for the six pairs, with no new annotation
     run_job(worker, worker.store, worker.store.claim_job("w"))
     assert not worker.store.has_active_job("train_policy", 1)  # nothing arrived during this one: the loop rests
+
+
+def test_a_triggered_update_waits_for_a_burst_of_rankings_to_pause_and_trains_on_all_of_it(tiny_env):
+    worker = make_worker(tiny_env, ppo_trigger_quiet_seconds=1.5)
+    seed_project(worker.store, annotated=6)
+    worker.fit_reward(job("fit_reward"))
+    ranked = threading.Event()
+
+    def burst():  # the update is triggered while the annotator goes on ranking, 0.5 s a task
+        for n in (8, 10, 12):
+            seed_project(worker.store, annotated=n)
+            ranked.set()
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=burst)
+    thread.start()
+    ranked.wait()
+    worker.train_policy(job("train_policy"))
+    thread.join()
+    # it trained on the whole burst, not on the pairs there were when it was triggered
+    assert worker.store.latest_version("policy", 1).metrics["last_pair_id"] == worker.store.max_pair_id(1)
+
+
+def test_an_update_waits_for_rankings_to_pause_no_longer_than_its_limit(tiny_env, monkeypatch):
+    monkeypatch.setattr("backend.worker.QUIET_WAIT_LIMIT", 2)
+    worker = make_worker(tiny_env, ppo_trigger_quiet_seconds=0.5)
+    seed_project(worker.store, annotated=1)
+    stop = threading.Event()
+    ranking = threading.Thread(target=lambda: [stop.wait(0.1) or seed_project(worker.store, annotated=n)
+                                               for n in range(2, 30) if not stop.is_set()])
+    ranking.start()  # a ranking every 0.1 s: the rankings never pause for 0.5 s
+    started = time.monotonic()
+    worker.wait_for_rankings_to_pause(1)
+    waited = time.monotonic() - started
+    stop.set()
+    ranking.join()
+    assert 0.9 <= waited < 1.5  # 2 x 0.5 s
 
 
 def test_too_few_held_out_prompts_to_show_a_gain_refuses_before_training(tiny_env):
