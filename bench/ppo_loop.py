@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import platform
+import random
 import resource
 import sys
 import time
@@ -160,6 +161,9 @@ def annotate(prompts: list[str], candidates: list[list[str]], preference: Callab
 class Knobs:
     candidates: int = 8  # candidates per training prompt that the annotator ranks
     annotation: str = "tiers"  # how the annotator expresses its verdict (`verdict`)
+    # how many training questions the annotator ranks (a seeded sample of them; None = all); the update still
+    # trains on every training question, as the worker trains on every prompt of a project, ranked or not
+    ranked_questions: int | None = None
     candidate_tokens: int = 32  # MAX_NEW_TOKENS of those candidates
     # answers per held-out prompt and policy; with 2, a sparse taste (contains_number) separated 3 pairs of
     # base answers, too few to show the reward model better than chance (PPO_MIN_RM_ACCURACY)
@@ -232,7 +236,9 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
                    knobs: Knobs, max_kl: float) -> Result:
     started = time.perf_counter()
     # annotate: the scripted annotator ranks the base policy's candidates
-    prompts, chosen, rejected = annotate(train_prompts, candidates, preference, knobs.annotation)
+    ranked = ranked_sample(len(train_prompts), knobs.ranked_questions, knobs.ppo.seed)
+    prompts, chosen, rejected = annotate([train_prompts[i] for i in ranked], [candidates[i] for i in ranked],
+                                         preference, knobs.annotation)
     # reward model: the default (MiniLM and character n-gram heads) fitted on every pair
     reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
     right, judged = held_out_agreement(reward, eval_prompts, base_answers, preference)
@@ -278,6 +284,13 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
         taste_verdicts=[(preference(n) > preference(b)) - (preference(n) < preference(b))
                         for n, b in zip(new_answers, base_answers)],
     )
+
+
+def ranked_sample(questions: int, ranked: int | None, seed: int) -> list[int]:
+    """The indices of the questions the annotator ranks: all of them, or a sample of `ranked` drawn with `seed`."""
+    if ranked is None or ranked >= questions:
+        return list(range(questions))
+    return sorted(random.Random(seed).sample(range(questions), ranked))
 
 
 def step_timings(stats: list[StepStats]) -> tuple[float, float | None]:

@@ -179,7 +179,8 @@ def report(paths: list[Path]) -> str:
     rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     by_settings: dict[str, list[dict]] = {}
     for r in rows:
-        key = (json.dumps(r["settings"], sort_keys=True) if "settings" in r
+        ranked = {"ranked_questions": r["ranked_questions"]} if "ranked_questions" in r else {}
+        key = (json.dumps({**r["settings"], **ranked}, sort_keys=True) if "settings" in r
                else "not recorded (the defaults of their day)")
         by_settings.setdefault(key, []).append(r)
     parts = [f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items()]
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-kl", type=float, default=Settings().ppo_max_kl)
     parser.add_argument("--more-questions", action="store_true",
                         help="train on 108 questions instead of 36 (same held-out ones): 3x the rankings per seed")
+    parser.add_argument("--ranked-questions", type=int, metavar="N",
+                        help="the annotator ranks only N of the training questions (a seeded sample; the update "
+                             "still trains on all): the signal a run needs, for PPO_TRIGGER_PAIRS")
     parser.add_argument("--set", nargs="+", default=[], metavar="SETTING=VALUE", type=setting_override,
                         help="judge a candidate default on the suite, e.g. --set ppo_stop_kl=8 (Settings' field names)")
     parser.add_argument("--report", nargs="+", type=Path, metavar="ROWS.jsonl",
@@ -233,9 +237,12 @@ def main(argv: list[str] | None = None) -> None:
             for algorithm in args.algorithms:
                 knobs = user_knobs(algorithm, seed, overrides)
                 result = run_experiment(name, taste.score, base, tokenizer, encoder, train_prompts, candidates,
-                                        eval_prompts, base_answers, replace(knobs, annotation=taste.verdict),
+                                        eval_prompts, base_answers,
+                                        replace(knobs, annotation=taste.verdict, ranked_questions=args.ranked_questions),
                                         args.max_kl)
                 row = {**asdict(result), "seed": seed, "settings": overrides}
+                if args.ranked_questions is not None:
+                    row["ranked_questions"] = args.ranked_questions
                 rows.append(row)
                 log.info("%s seed %d %s: win %.3f p %.2g NLL %+.2f published %s", name, seed, algorithm,
                          row["win_rate"], row["p_value"], row["nll_new_answers"] - row["nll_base_answers"],

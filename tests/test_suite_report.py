@@ -83,3 +83,22 @@ def test_report_publishes_under_no_rule_a_gain_whose_answers_are_not_shown_fluen
 
     assert rules.count("| 1 | 0 | 0 | 0 | 1 |") == len(suite.PUBLISH_RULES)  # each rule withholds this gain
     assert "| 1 | 1 |" not in rules
+
+
+def test_report_keeps_runs_on_fewer_ranked_questions_apart_from_runs_on_all(tmp_path):
+    few = {**row("shorter", 0, 8, 9, 0.6, False), "ranked_questions": 12}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row("shorter", 0, 30, 5, 1e-5, True)) + "\n" + json.dumps(few) + "\n")
+
+    text = suite.report([path])
+
+    assert 'settings {"ranked_questions": 12}:' in text and "settings {}:" in text and text.count("| ppo | 1 |") == 2
+
+
+def test_the_annotator_ranks_a_seeded_sample_of_the_questions_or_all_of_them():
+    from ppo_loop import ranked_sample
+
+    sample = ranked_sample(36, 12, seed=0)
+    assert len(set(sample)) == 12 and all(0 <= i < 36 for i in sample) and sample == sorted(sample)
+    assert sample == ranked_sample(36, 12, seed=0) != ranked_sample(36, 12, seed=1)
+    assert ranked_sample(36, None, seed=0) == ranked_sample(36, 40, seed=0) == list(range(36))
