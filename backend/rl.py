@@ -1,6 +1,6 @@
 """The RL step of the loop: a policy, prompts and a reward function in; a new plain policy and step stats out.
 
-In:  the algorithm ("ppo", "grpo" or "rloo"), the previous policy (also the KL reference), its
+In:  the algorithm (one of `ALGORITHMS`), the previous policy (also the KL reference), its
      tokenizer, raw prompts, a `RewardFn` scoring decoded text (the reward model), and one
      `PPOConfig` whose schedule, sampling and LoRA fields every algorithm reads.
 Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepStats` per step.
@@ -11,6 +11,8 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
 - "rloo": trl's RLOOTrainer (Ahmadian et al. 2024): the same groups, a leave-one-out baseline.
 - "dpo":  trl's DPOTrainer (Rafailov et al. 2023) on the annotators' pairs themselves, not the
           reward model (backend/dpo.py); the reward model still judges the result on held-out prompts.
+- "best_of_k": backend/best_of_k.py, rejection-sampling fine-tuning run online: `group_size` samples
+          per prompt, one supervised step on each prompt's best (RAFT, Dong et al. 2023).
 trl reads from the config: steps, batch_size (prompts per step), learning_rate, warmup_steps,
 max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as
 epsilon), stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 Pairs = tuple[list[str], list[str], list[str]]
 """Preference pairs as three aligned lists: prompts, chosen answers, rejected answers."""
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo", "best_of_k")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ def improve_policy(
 
         trained, ppo_stats = train_ppo(model, tokenizer, prompts, reward_fn, config, on_step=forward)
         return trained, [from_ppo(s) for s in ppo_stats]
+    if algorithm == "best_of_k":
+        from backend.best_of_k import train_best_of_k  # imported here: backend.best_of_k imports StepStats from here
+
+        return train_best_of_k(model, tokenizer, prompts, reward_fn, config, group_size, on_step=on_step)
     if group_size < 2:
         raise ValueError(f"group_size={group_size} is invalid for {algorithm}: set it to an integer >= 2, "
                          "as the group's other samples are each sample's baseline")

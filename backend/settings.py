@@ -57,9 +57,9 @@ class Settings(BaseModel):
         10.0, ge=0, le=600, description="A triggered policy update first waits until no ranking has arrived for this long (at most 12 times as long), so a burst of rankings trains one update (0 = start at once)")
     ppo_min_rm_accuracy: float = Field(
         0.5, ge=0, le=1, description="No policy update while the lower 95% bound of the reward model's held-out accuracy is below this (0.5: until it is shown better than chance)")
-    rl_algorithm: Literal["ppo", "grpo", "rloo", "dpo"] = Field(
-        "ppo", description="Policy update: our PPO, trl's GRPO/RLOO on the reward model, or trl's DPO on the ranked pairs (docs/policy.md)")
-    rl_group_size: int = Field(4, ge=2, le=64, description="Samples per prompt of GRPO/RLOO (PPO samples one)")
+    rl_algorithm: Literal["ppo", "grpo", "rloo", "dpo", "best_of_k"] = Field(
+        "ppo", description="Policy update: our PPO, trl's GRPO/RLOO on the reward model, trl's DPO on the ranked pairs, or best-of-K fine-tuning (docs/policy.md)")
+    rl_group_size: int = Field(4, ge=2, le=64, description="Samples per prompt of GRPO/RLOO/best-of-K (PPO samples one)")
     ppo_steps: int = Field(16, ge=1, le=10_000, description="PPO iterations (rollout + optimisation) per run")
     ppo_batch_size: int = Field(8, ge=1, le=1024, description="Prompts per PPO rollout")
     ppo_learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate of PPO (LoRA weights)")

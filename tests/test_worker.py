@@ -258,8 +258,8 @@ def test_a_policy_update_trains_and_publishes_only_its_own_project(tiny_env, mon
     assert [j["project"] for j in worker.store.jobs() if j["kind"] == "regenerate"] == [1]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_trl_algorithms_run_behind_the_same_job(tiny_env, algorithm):
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "best_of_k"])
+def test_group_sampling_algorithms_run_behind_the_same_job(tiny_env, algorithm):
     worker = make_worker(tiny_env, rl_algorithm=algorithm, rl_group_size=2, ppo_steps=1)
     seed_project(worker.store)
     worker.fit_reward(job("fit_reward"))
