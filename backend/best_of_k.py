@@ -6,8 +6,11 @@ In:  the previous policy (a plain causal LM, also the KL reference), its tokeniz
 Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `backend.rl.StepStats` per step.
 
 Rejection-sampling fine-tuning, run online: each step samples K answers to each of `batch_size` prompts
-from the current policy, keeps each prompt's answer the reward model scores best, and fine-tunes on the
-kept answers (their sampled tokens, the eos included when one was sampled) as PPO optimises a rollout. As
+from the current policy, keeps each prompt's best answer, and fine-tunes on the kept answers (their
+sampled tokens, the eos included when one was sampled) as PPO optimises a rollout. "Best" is PPO's
+objective: the reward model's score less `fluency_coef` times the reference's excess surprise summed over
+the answer (backend/ppo.py): by the reward alone, "shorter" kept answers whose NLL under the base
+policy rose +0.86 nats/token. As
 the policy improves, its next K samples start from better answers, so the steps compound (RAFT, Dong et
 al. 2023; ReST, Gulcehre et al. 2023; Llama 2's rejection sampling, Touvron et al. 2023). It learns only
 from answers the policy itself wrote, never pushes an answer down, and needs no value model: a rare
@@ -16,11 +19,10 @@ directly, where PPO's one sample a prompt must wait for its value head to credit
 
 From the shared config: steps, batch_size (prompts per step), ppo_epochs and mini_batch_size (the passes over
 the kept answers), learning_rate, warmup_steps, max_grad_norm, lora_rank, seed, max_new_tokens,
-temperature, and stop_kl, which ends a run and undoes the step that overshot as PPO's does. The
+temperature, fluency_coef, and stop_kl, which ends a run and undoes the step that overshot as PPO's does. The
 rollout KL is measured on the first of each prompt's K samples, a plain sample of the policy (the kept
-ones are not), as the exact KL of its next-token distributions. PPO's penalties (KL coefficient,
-fluency) have no place in a supervised step: the guard rails' held-out KL and fluency checks judge the
-result as for the others.
+ones are not), as the exact KL of its next-token distributions. A supervised step has no place for a KL
+coefficient: the KL stop and the guard rails' held-out checks bound the drift.
 
 Shapes: B prompts, K samples each, P prompt tokens (left-padded), R response tokens, V vocabulary size.
 """
@@ -41,6 +43,8 @@ from backend.ppo import (
     PPOConfig,
     RewardFn,
     drift_reason,
+    entropy_from_logits,
+    excess_surprise,
     load_trainable_state,
     lora_target_modules,
     masked_mean,
@@ -60,9 +64,11 @@ from backend.rl import StepStats
 log = logging.getLogger(__name__)
 
 
-def best_of_groups(scores: torch.Tensor) -> torch.Tensor:
-    """(B,) row index of each group's best answer in the flat (B * K,) batch, from scores (B, K); ties: the first."""
-    return scores.argmax(-1) + torch.arange(scores.shape[0], device=scores.device) * scores.shape[1]
+def best_of_groups(scores: torch.Tensor, surprise: torch.Tensor, fluency_coef: float) -> torch.Tensor:
+    """(B,) row index in the flat (B * K,) batch of each group's best answer by PPO's objective: the reward-model
+    score (B, K) less `fluency_coef` times the answer's summed excess surprise (B, K); ties: the first."""
+    objective = scores - fluency_coef * surprise  # (B, K)
+    return objective.argmax(-1) + torch.arange(scores.shape[0], device=scores.device) * scores.shape[1]
 
 
 def sequence_logprobs(lm: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -72,6 +78,23 @@ def sequence_logprobs(lm: PreTrainedModel, sequences: torch.Tensor, attention_ma
                 use_cache=False).logits  # (B, P + R, V)
     response_len = mask.shape[1]
     return token_logprobs(response_slice(logits, response_len), sequences[:, -response_len:], temperature) * mask
+
+
+@torch.no_grad()
+def reference_surprise(policy, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                       temperature: float, batch_size: int = 8) -> torch.Tensor:
+    """(N,) PPO's fluency measure of each answer: the reference's `excess_surprise` summed over its tokens."""
+    sums = []
+    with policy.disable_adapter():
+        for start in range(0, len(sequences), batch_size):
+            rows = slice(start, start + batch_size)
+            kwargs = dict(input_ids=sequences[rows], attention_mask=attention_mask[rows],
+                          position_ids=position_ids(attention_mask[rows]), use_cache=False)
+            logits = response_slice(policy(**kwargs).logits, mask.shape[1])  # (b, R, V)
+            tokens = sequences[rows, -mask.shape[1]:]  # (b, R)
+            sums.append(excess_surprise(token_logprobs(logits, tokens, temperature),
+                                        entropy_from_logits(logits, temperature), mask[rows]).sum(-1))
+    return torch.cat(sums)
 
 
 @torch.no_grad()
@@ -151,6 +174,7 @@ def train_best_of_k(
         repeated = [p for p in batch for _ in range(samples)]
         sequences, attention_mask, mask, responses = sample_responses(policy, tokenizer, repeated, config)
         scores = score_responses(reward_fn, repeated, responses).view(len(batch), samples)  # (B, K)
+        surprise = reference_surprise(policy, sequences, attention_mask, mask, config.temperature)  # (B * K,)
         # drift: the first answer of each prompt is a plain sample of the policy, so it estimates the KL
         plain = torch.arange(len(batch)) * samples  # (B,)
         kl = rollout_kl(policy, sequences[plain], attention_mask[plain], mask[plain], config.temperature)
@@ -162,7 +186,7 @@ def train_best_of_k(
                         step, config.steps, drift, step - 1)
             break
         # fine-tune: supervised passes over each prompt's best answer, on PPO's schedule
-        best = best_of_groups(scores)  # (B,)
+        best = best_of_groups(scores, surprise.view(len(batch), samples), config.fluency_coef)  # (B,)
         before_update = trainable_state(policy) if config.stop_kl is not None else None
         for group in optimizer.param_groups:
             group["lr"] = warmup_learning_rate(config.learning_rate, step, config.warmup_steps)
@@ -172,7 +196,8 @@ def train_best_of_k(
         stats.append(StepStats(
             step=step, reward_mean=scores.mean().item(), kl=kl, entropy=None, seconds=now - step_start,
             eta_seconds=(now - started) / step * steps_left(step, config.steps, kl, config.stop_kl),
-            extra={"best_reward": scores.max(-1).values.mean().item(), "sft_loss": loss,
+            extra={"best_reward": scores.view(-1)[best].mean().item(), "sft_loss": loss,
+                   "best_surprise": surprise[best].mean().item(),
                    "response_tokens": int(mask[best].sum())},
         ))
         log.info("best_of_k step %d/%d: reward %.4f (best %.4f) kl %.4f sft_loss %.4f | %.1fs eta %.0fs", step,

@@ -25,7 +25,14 @@ def tiny(tiny_policy, device):
 
 def test_the_best_of_each_group_is_its_highest_score_as_a_row_of_the_flat_batch():
     scores = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 2.0]])  # 2 prompts x 3 samples; a tie goes to the first
-    assert best_of_groups(scores).tolist() == [1, 3]
+    assert best_of_groups(scores, torch.zeros_like(scores), fluency_coef=0.03).tolist() == [1, 3]
+
+
+def test_the_best_of_a_group_pays_for_the_reference_s_surprise_at_it():
+    scores = torch.tensor([[1.0, 0.9]])  # the first scores higher, but the reference is 30 nats more surprised by it
+    surprise = torch.tensor([[30.0, 0.0]])
+    assert best_of_groups(scores, surprise, fluency_coef=0.03).tolist() == [1]
+    assert best_of_groups(scores, surprise, fluency_coef=0.0).tolist() == [0]
 
 
 def longer_is_better(prompts: list[str], responses: list[str]) -> list[float]:
