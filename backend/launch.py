@@ -126,9 +126,10 @@ def main(spec_path: str, out_dir: str) -> None:
     from backend.worker import log_step, training_device
 
     state = PartialState()
-    if spec["algorithm"] == "ppo" and state.num_processes > 1:
-        raise SystemExit(f"RL_ALGORITHM=ppo trains in one process, the config starts {state.num_processes}: use "
-                         "RL_ALGORITHM=dpo, grpo or rloo (trl's trainers) with a multi-process config")
+    if spec["algorithm"] in ("ppo", "best_of_k") and state.num_processes > 1:
+        raise SystemExit(f"RL_ALGORITHM={spec['algorithm']} trains in one process, the config starts "
+                         f"{state.num_processes}: use RL_ALGORITHM=dpo, grpo or rloo (trl's trainers) with a "
+                         "multi-process config")
     settings = load_settings()
     store = Store(settings.store_url, settings.redis_url)
     torch.manual_seed(settings.seed)
