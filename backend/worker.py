@@ -232,15 +232,19 @@ class Worker:
                                finetune_base=self.finetune_base, seed=self.settings.seed, full_refit=full_refit)
 
     def refit_reward_fully(self, project_id: int) -> None:
-        """Refit the reward heads from scratch if they were updated incrementally since their last full refit.
+        """Refit the reward heads from scratch if they were updated incrementally since their last full refit,
+        or were fitted before the project's newest pairs arrived.
 
         Incremental updates follow annotators within a second but fit less well than a refit on every
         pair (HH: 0.626 vs 0.640; a Label Studio run's 108 held-out pairs: 0.69 vs 0.80), and PPO
         optimises whatever the reward model gets wrong, so it waits the few seconds for a full refit.
+        The end of a burst of rankings may still wait in the fast lane's queue when the update starts.
         """
         latest = self.store.latest_version("reward", project_id)
-        if latest is None or not latest.metrics.get("updates_since_full_refit"):
-            return  # nothing fitted yet, a full refit, or the fine-tuned tier (always fitted from scratch)
+        pairs = self.store.pair_count(project_id)
+        if pairs == 0 or (latest is not None and latest.pairs_seen == pairs
+                          and not latest.metrics.get("updates_since_full_refit")):
+            return  # nothing to fit, or a full refit (or the fine-tuned tier, always fitted afresh) on every pair
         self.update_reward(project_id, full_refit=True)
 
     def queue_policy_update_if_due(self, project_id: int) -> None:

@@ -183,8 +183,11 @@ def test_a_triggered_update_waits_for_a_burst_of_rankings_to_pause_and_trains_on
     ranked.wait()
     worker.train_policy(job("train_policy"))
     thread.join()
-    # it trained on the whole burst, not on the pairs there were when it was triggered
-    assert worker.store.latest_version("policy", 1).metrics["last_pair_id"] == worker.store.max_pair_id(1)
+    # it trained on the whole burst, not on the pairs there were when it was triggered, and so did its reward
+    # model, though the burst's end never reached the fast lane's fit_reward
+    policy = worker.store.latest_version("policy", 1)
+    assert policy.metrics["last_pair_id"] == worker.store.max_pair_id(1)
+    assert worker.store.version("reward", 1, policy.metrics["reward_version"]).pairs_seen == worker.store.pair_count(1)
 
 
 def test_an_update_waits_for_rankings_to_pause_no_longer_than_its_limit(tiny_env, monkeypatch):
