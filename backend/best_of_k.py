@@ -71,13 +71,18 @@ def best_of_groups(scores: torch.Tensor, surprise: torch.Tensor, fluency_coef: f
     return objective.argmax(-1) + torch.arange(scores.shape[0], device=scores.device) * scores.shape[1]
 
 
+def response_logits(lm, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """(B, R, V) the logits of `lm` that predict the last `response_len` tokens of left-padded sequences (B, P + R)."""
+    logits = lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                use_cache=False).logits  # (B, P + R, V)
+    return response_slice(logits, response_len)
+
+
 def sequence_logprobs(lm: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
                       mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """(B, R) log p(token) of the response tokens of left-padded sequences (B, P + R); 0 where mask is 0."""
-    logits = lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False).logits  # (B, P + R, V)
-    response_len = mask.shape[1]
-    return token_logprobs(response_slice(logits, response_len), sequences[:, -response_len:], temperature) * mask
+    logits = response_logits(lm, sequences, attention_mask, mask.shape[1])  # (B, R, V)
+    return token_logprobs(logits, sequences[:, -mask.shape[1]:], temperature) * mask
 
 
 @torch.no_grad()
@@ -88,9 +93,7 @@ def reference_surprise(policy, sequences: torch.Tensor, attention_mask: torch.Te
     with policy.disable_adapter():
         for start in range(0, len(sequences), batch_size):
             rows = slice(start, start + batch_size)
-            kwargs = dict(input_ids=sequences[rows], attention_mask=attention_mask[rows],
-                          position_ids=position_ids(attention_mask[rows]), use_cache=False)
-            logits = response_slice(policy(**kwargs).logits, mask.shape[1])  # (b, R, V)
+            logits = response_logits(policy, sequences[rows], attention_mask[rows], mask.shape[1])  # (b, R, V)
             tokens = sequences[rows, -mask.shape[1]:]  # (b, R)
             sums.append(excess_surprise(token_logprobs(logits, tokens, temperature),
                                         entropy_from_logits(logits, temperature), mask[rows]).sum(-1))
@@ -105,12 +108,13 @@ def rollout_kl(policy, sequences: torch.Tensor, attention_mask: torch.Tensor, ma
 
     The same quantity as PPO's rollout KL (sum_t log-ratio of the sampled tokens) in expectation, but never
     negative and with far less variance on the few plain samples a step has."""
-    kwargs = dict(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                  use_cache=False)
-    response_len = mask.shape[1]
-    logp = F.log_softmax(response_slice(policy(**kwargs).logits, response_len).float() / temperature, -1)  # (B, R, V)
+
+    def next_token_logprobs(lm) -> torch.Tensor:  # (B, R, V)
+        return F.log_softmax(response_logits(lm, sequences, attention_mask, mask.shape[1]).float() / temperature, -1)
+
+    logp = next_token_logprobs(policy)
     with policy.disable_adapter():
-        ref_logp = F.log_softmax(response_slice(policy(**kwargs).logits, response_len).float() / temperature, -1)
+        ref_logp = next_token_logprobs(policy)
     per_token = (logp.exp() * (logp - ref_logp)).sum(-1) * mask  # (B, R)
     return per_token.sum(-1).mean().item()
 
