@@ -242,7 +242,9 @@ class Worker:
         """
         latest = self.store.latest_version("reward", project_id)
         pairs = self.store.pair_count(project_id)
+        # count and newest id both: an edited annotation replaces its pairs, keeping the count
         if pairs == 0 or (latest is not None and latest.pairs_seen == pairs
+                          and latest.metrics.get("last_pair_id") == self.store.max_pair_id(project_id)
                           and not latest.metrics.get("updates_since_full_refit")):
             return  # nothing to fit, or a full refit (or the fine-tuned tier, always fitted afresh) on every pair
         self.update_reward(project_id, full_refit=True)

@@ -310,6 +310,22 @@ def test_ppo_trains_on_a_full_refit_of_a_reward_model_updated_incrementally(tiny
     assert worker.store.latest_version("policy", 1).metrics["reward_version"] == refitted.version
 
 
+def test_ppo_refits_the_reward_model_when_an_edited_annotation_replaced_its_pairs(tiny_env):
+    worker = make_worker(tiny_env, ppo_steps=1)
+    seed_project(worker.store)
+    worker.fit_reward(job("fit_reward"))
+    fitted = worker.store.latest_version("reward", 1)
+    task = worker.store.pairs(1)[0]  # the annotator changes their mind: the longer answer wins now
+    edited = PreferencePair(project_id=1, task_id=task.task_id, annotator=1, prompt=task.prompt, chosen=task.rejected,
+                            rejected=task.chosen, margin=0.0, chosen_policy_version=0, rejected_policy_version=0,
+                            chosen_id="c1", rejected_id="c0")
+    worker.store.apply_annotation_event(ledger.AnnotationSaved(task.task_id, 1, task.task_id, None, (edited,)))
+    assert worker.store.pair_count(1) == fitted.pairs_seen  # the count alone cannot tell
+    worker.train_policy(job("train_policy"))
+    refitted = worker.store.latest_version("reward", 1)
+    assert refitted.version == fitted.version + 1 and refitted.metrics["full_refit"] is True
+
+
 def test_ppo_right_after_a_full_refit_fits_no_new_reward_version(tiny_env):
     worker = make_worker(tiny_env, ppo_steps=1)
     seed_project(worker.store)
