@@ -7,12 +7,11 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `backe
 
 Rejection-sampling fine-tuning, run online: each step samples K answers to each of `batch_size` prompts
 from the current policy, keeps each prompt's best answer, and fine-tunes on the kept answers (their
-sampled tokens, the eos included when one was sampled) as PPO optimises a rollout. "Best" is the highest
-reward-model score among the answers the guard rails would call fluent: the reference's excess surprise
-per token (backend/ppo.py) at most `max_answer_surprise` (PPO_MAX_NLL_RISE); a prompt with none keeps
-none. By the reward alone, "shorter" kept answers whose NLL under the base policy rose +0.86
-nats/token; trading reward against PPO's summed fluency penalty instead cost the tastes whose best
-answers are a little unusual (docs/policy.md). As the policy improves, its next K samples start from better answers, so the steps compound (RAFT, Dong et
+sampled tokens, the eos included when one was sampled) as PPO optimises a rollout. "Best" is PPO's
+objective: the reward model's score less `fluency_coef` times the reference's excess surprise summed over
+the answer (backend/ppo.py): by the reward alone, "shorter" kept answers whose NLL under the base
+policy rose +0.86 nats/token. As
+the policy improves, its next K samples start from better answers, so the steps compound (RAFT, Dong et
 al. 2023; ReST, Gulcehre et al. 2023; Llama 2's rejection sampling, Touvron et al. 2023). It learns only
 from answers the policy itself wrote, never pushes an answer down, and needs no value model: a rare
 feature the taste wants (a number, a "you") is found among K samples of one prompt and reinforced
@@ -20,7 +19,7 @@ directly, where PPO's one sample a prompt must wait for its value head to credit
 
 From the shared config: steps, batch_size (prompts per step), ppo_epochs and mini_batch_size (the passes over
 the kept answers), learning_rate, warmup_steps, max_grad_norm, lora_rank, seed, max_new_tokens,
-temperature, max_answer_surprise, and stop_kl, which ends a run and undoes the step that overshot as PPO's does. The
+temperature, fluency_coef, and stop_kl, which ends a run and undoes the step that overshot as PPO's does. The
 rollout KL is measured on the first of each prompt's K samples, a plain sample of the policy (the kept
 ones are not), as the exact KL of its next-token distributions. A supervised step has no place for a KL
 coefficient: the KL stop and the guard rails' held-out checks bound the drift.
@@ -65,13 +64,11 @@ from backend.rl import StepStats
 log = logging.getLogger(__name__)
 
 
-def best_of_groups(scores: torch.Tensor, surprise: torch.Tensor, max_surprise: float | None) -> torch.Tensor:
-    """Flat (B * K,) row indices of each group's highest-scoring answer (B, K) among those whose excess surprise per
-    token (B, K) is at most `max_surprise` (None: among all); a group with no such answer keeps none; ties: the first."""
-    allowed = torch.ones_like(scores, dtype=torch.bool) if max_surprise is None else surprise <= max_surprise
-    best = scores.masked_fill(~allowed, float("-inf")).argmax(-1)  # (B,)
-    rows = best + torch.arange(scores.shape[0], device=scores.device) * scores.shape[1]
-    return rows[allowed.any(-1)]
+def best_of_groups(scores: torch.Tensor, surprise: torch.Tensor, fluency_coef: float) -> torch.Tensor:
+    """(B,) row index in the flat (B * K,) batch of each group's best answer by PPO's objective: the reward-model
+    score (B, K) less `fluency_coef` times the answer's summed excess surprise (B, K); ties: the first."""
+    objective = scores - fluency_coef * surprise  # (B, K)
+    return objective.argmax(-1) + torch.arange(scores.shape[0], device=scores.device) * scores.shape[1]
 
 
 def response_logits(lm, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
@@ -91,17 +88,16 @@ def sequence_logprobs(lm: PreTrainedModel, sequences: torch.Tensor, attention_ma
 @torch.no_grad()
 def reference_surprise(policy, sequences: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
                        temperature: float, batch_size: int = 8) -> torch.Tensor:
-    """(N,) the reference's `excess_surprise` at each answer, per token: the NLL rise the guard rails judge, for one answer."""
-    means = []
+    """(N,) PPO's fluency measure of each answer: the reference's `excess_surprise` summed over its tokens."""
+    sums = []
     with policy.disable_adapter():
         for start in range(0, len(sequences), batch_size):
             rows = slice(start, start + batch_size)
             logits = response_logits(policy, sequences[rows], attention_mask[rows], mask.shape[1])  # (b, R, V)
             tokens = sequences[rows, -mask.shape[1]:]  # (b, R)
-            surprise = excess_surprise(token_logprobs(logits, tokens, temperature),
-                                       entropy_from_logits(logits, temperature), mask[rows])  # (b, R)
-            means.append(surprise.sum(-1) / mask[rows].sum(-1).clamp(min=1))
-    return torch.cat(means)
+            sums.append(excess_surprise(token_logprobs(logits, tokens, temperature),
+                                        entropy_from_logits(logits, temperature), mask[rows]).sum(-1))
+    return torch.cat(sums)
 
 
 @torch.no_grad()
@@ -193,12 +189,8 @@ def train_best_of_k(
             log.warning("best_of_k stopped at step %d/%d: %s; kept the policy that sampled step %d",
                         step, config.steps, drift, step - 1)
             break
-        # fine-tune: supervised passes over each prompt's best fluent answer, on PPO's schedule
-        best = best_of_groups(scores, surprise.view(len(batch), samples), config.max_answer_surprise)  # (<= B,)
-        if len(best) == 0:
-            log.info("best_of_k step %d/%d: no answer within max_answer_surprise %s nats/token; no update", step,
-                     config.steps, config.max_answer_surprise)
-            continue
+        # fine-tune: supervised passes over each prompt's best answer, on PPO's schedule
+        best = best_of_groups(scores, surprise.view(len(batch), samples), config.fluency_coef)  # (B,)
         before_update = trainable_state(policy) if config.stop_kl is not None else None
         for group in optimizer.param_groups:
             group["lr"] = warmup_learning_rate(config.learning_rate, step, config.warmup_steps)
@@ -210,7 +202,7 @@ def train_best_of_k(
             eta_seconds=(now - started) / step * steps_left(step, config.steps, kl, config.stop_kl),
             extra={"best_reward": scores.view(-1)[best].mean().item(), "sft_loss": loss,
                    "best_surprise": surprise[best].mean().item(),
-                   "kept": len(best), "response_tokens": int(mask[best].sum())},
+                   "response_tokens": int(mask[best].sum())},
         ))
         log.info("best_of_k step %d/%d: reward %.4f (best %.4f) kl %.4f sft_loss %.4f | %.1fs eta %.0fs", step,
                  config.steps, stats[-1].reward_mean, stats[-1].extra["best_reward"], kl, loss,

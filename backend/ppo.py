@@ -94,9 +94,6 @@ class PPOConfig:
     # to the same prompts; None = never. KL misses this drift: a little KL can steer answers into text the
     # reference finds far less likely (docs/ppo.md). Costs one reference answer per prompt on first sight
     stop_nll_rise: float | None = None
-    # best-of-K only: the most excess surprise per token (nats, mean over an answer) an answer may carry
-    # and still be trained on; the worker sets it to PPO_MAX_NLL_RISE, the fluency the guard rails publish
-    max_answer_surprise: float | None = None
 
     def __post_init__(self) -> None:
         # (field, valid?, what a valid value is)
@@ -125,8 +122,6 @@ class PPOConfig:
             ("kl_horizon", self.kl_horizon > 0, "an integer > 0, e.g. 10000"),
             ("stop_kl", self.stop_kl is None or self.stop_kl > 0, "None or a float > 0 (nats per sequence)"),
             ("stop_nll_rise", self.stop_nll_rise is None or self.stop_nll_rise > 0,
-             "None or a float > 0 (nats per token)"),
-            ("max_answer_surprise", self.max_answer_surprise is None or self.max_answer_surprise > 0,
              "None or a float > 0 (nats per token)"),
         ]
         for name, ok, valid in rules:

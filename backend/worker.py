@@ -526,7 +526,7 @@ def ppo_config(settings: Settings) -> PPOConfig:
         temperature=settings.temperature, init_kl_coef=settings.ppo_init_kl_coef,
         fluency_coef=settings.ppo_fluency_coef, target_kl=settings.ppo_target_kl,
         stop_kl=settings.ppo_stop_kl, stop_nll_rise=settings.ppo_stop_nll_rise, lora_rank=settings.lora_rank,
-        seed=settings.seed, max_answer_surprise=settings.ppo_max_nll_rise,
+        seed=settings.seed,
     )
 
 

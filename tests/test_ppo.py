@@ -193,7 +193,6 @@ def test_prompt_batches_cycle_through_every_prompt():
         ({"lora_rank": -1}, r"PPOConfig.lora_rank=-1 is invalid"),
         ({"lam": 1.5}, r"PPOConfig.lam=1.5 is invalid: set it to a float in \[0, 1\]"),
         ({"fluency_coef": -0.1}, r"PPOConfig.fluency_coef=-0.1 is invalid: set it to a float >= 0 \(0 = off\)"),
-        ({"max_answer_surprise": 0.0}, r"PPOConfig.max_answer_surprise=0.0 is invalid: set it to None or a float > 0"),
     ],
 )
 def test_config_validation_names_field_value_and_fix(kwargs, message):
