@@ -52,8 +52,8 @@ class Settings(BaseModel):
     reward_full_refit_every: int = Field(10, ge=1, description="Incremental reward updates between full refits of the heads")
 
     # --- training triggers and the RL step ---
-    # 20: one trigger's worth (12-24 pairs) passed 12 of 12 dense-taste runs over 3 seeds, and the sparse
-    # tastes do as well on ~20 pairs as on all theirs (docs/policy.md, "One trigger's worth of pairs")
+    # 20: one trigger's worth (12-24 pairs) passed 12 of 12 dense-taste runs over 3 seeds; the sparse tastes
+    # pass 3 of 9 on ~20 pairs against 5 of 9 on all theirs (docs/policy.md, "One trigger's worth of pairs")
     ppo_trigger_pairs: int = Field(20, ge=1, description="New preference pairs since the last policy that start PPO")
     ppo_trigger_quiet_seconds: float = Field(
         10.0, ge=0, le=600, description="A triggered policy update first waits until no ranking has arrived for this long (at most 12 times as long), so a burst of rankings trains one update (0 = start at once)")
