@@ -316,9 +316,9 @@ def test_ppo_refits_the_reward_model_when_an_edited_annotation_replaced_its_pair
     worker.fit_reward(job("fit_reward"))
     fitted = worker.store.latest_version("reward", 1)
     first = worker.store.pairs(1)[0]  # the annotator changes their mind: the longer answer wins now
-    edited = PreferencePair(project_id=1, task_id=first.task_id, annotator=1, prompt=first.prompt, chosen=first.rejected,
-                            rejected=first.chosen, margin=0.0, chosen_policy_version=0, rejected_policy_version=0,
-                            chosen_id="c1", rejected_id="c0")
+    edited = PreferencePair(project_id=1, task_id=first.task_id, annotator=1, prompt=first.prompt,
+                            chosen=first.rejected, rejected=first.chosen, margin=0.0, chosen_policy_version=0,
+                            rejected_policy_version=0, chosen_id="c1", rejected_id="c0")
     worker.store.apply_annotation_event(ledger.AnnotationSaved(first.task_id, 1, first.task_id, None, (edited,)))
     assert worker.store.pair_count(1) == fitted.pairs_seen  # the count alone cannot tell
     worker.train_policy(job("train_policy"))
