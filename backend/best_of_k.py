@@ -42,6 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from backend.ppo import (
     PPOConfig,
     RewardFn,
+    causal_lm_logits,
     drift_reason,
     entropy_from_logits,
     excess_surprise,
@@ -49,7 +50,6 @@ from backend.ppo import (
     lora_target_modules,
     masked_mean,
     peft_deprecation_silenced,
-    position_ids,
     prompt_batches,
     response_slice,
     sample_responses,
@@ -73,9 +73,7 @@ def best_of_groups(scores: torch.Tensor, surprise: torch.Tensor, fluency_coef: f
 
 def response_logits(lm, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
     """(B, R, V) the logits of `lm` that predict the last `response_len` tokens of left-padded sequences (B, P + R)."""
-    logits = lm(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False).logits  # (B, P + R, V)
-    return response_slice(logits, response_len)
+    return response_slice(causal_lm_logits(lm, sequences, attention_mask), response_len)
 
 
 def sequence_logprobs(lm: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,

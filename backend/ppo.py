@@ -448,12 +448,10 @@ class PolicyWithValue(nn.Module):
     @torch.no_grad()
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of the reference policy, the model PPO started from."""
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask), use_cache=False)
         if self._reference is not None:
-            return self._reference(**kwargs).logits
+            return causal_lm_logits(self._reference, input_ids, attention_mask)
         with self.lm.disable_adapter():
-            return self.lm(**kwargs).logits
+            return causal_lm_logits(self.lm, input_ids, attention_mask)
 
     @contextmanager
     def reference(self) -> Iterator[PreTrainedModel]:
@@ -471,6 +469,12 @@ class PolicyWithValue(nn.Module):
         """The policy as a plain causal LM: LoRA merged into the weights, value head dropped, frozen."""
         model = self.lm.merge_and_unload() if isinstance(self.lm, PeftModel) else self.lm
         return model.eval().requires_grad_(False)
+
+
+def causal_lm_logits(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, L, V) of `lm` on left-padded sequences (B, L), each row positioned as `generate` sampled it."""
+    return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+              use_cache=False).logits
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
