@@ -3,7 +3,8 @@
 It starts a real Label Studio (its own virtualenv, loopback, SQLite) and the backend, creates a
 project from templates/ranker.xml, imports prompts, shows the candidates, lets a scripted
 annotator rank some of them (it prefers answers that contain a number, then shorter ones),
-prints every stage as the backend reports it, and leaves both servers up until Ctrl-C.
+prints every stage as the backend reports it, ranks one held-out task so the reward model is checked
+on annotations it never trained on, and leaves both servers up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import requests
 from label_studio_sdk import LabelStudio
 
 from backend import labelstudio
-from backend.labelconfig import parse_ranking_schema
+from backend.labelconfig import RankingSchema, parse_ranking_schema
 from backend.local_servers import (
     PASSWORD,
     ROOT,
@@ -26,6 +27,7 @@ from backend.local_servers import (
     start_backend,
     start_label_studio,
 )
+from backend.reward import is_held_out
 from backend.settings import Settings, settings_env
 
 PROMPTS = [
@@ -116,10 +118,7 @@ def run_demo(settings: Settings, ls_port: int, backend_port: int, exit_when_done
 
         print(f"\n== a scripted annotator ranks {ANNOTATED_TASKS} tasks (prefers answers with a number, then shorter)")
         for task in list(labelstudio.iter_tasks(client, project.id))[:ANNOTATED_TASKS]:
-            ranked = sorted(task["data"][schema.candidates_field], key=lambda c: hidden_preference(c["body"]))
-            client.annotations.create(id=task["id"], lead_time=5.0, result=[{
-                "from_name": schema.ranker_name, "to_name": schema.list_name, "type": "ranker",
-                "value": {"ranker": {schema.ranker_name: [c["id"] for c in ranked]}}}])
+            rank_as_the_annotator(client, task, schema)
         outcome = policy_update_outcome(narrator.wait(policy_update_outcome, "the policy update"))
         seconds = time.monotonic() - started
         if outcome["kind"] == "policy":
@@ -130,6 +129,11 @@ def run_demo(settings: Settings, ls_port: int, backend_port: int, exit_when_done
         else:  # the guard rails publish only a policy shown better: 24 pairs often show no gain
             print(f"\n== after {seconds:.0f}s the policy update was not published ({outcome['message']}); "
                   "v0 keeps serving. Rank more tasks: the next update starts after PPO_TRIGGER_PAIRS new pairs")
+        held_out = next(t for t in labelstudio.iter_tasks(client, project.id) if is_held_out(t["data"]["prompt"]))
+        print(f"\n== the annotator ranks a held-out task too ({held_out['data']['prompt']!r}): no policy trains on "
+              "it, and the reward model is now checked on its pairs")
+        rank_as_the_annotator(client, held_out, schema)
+        narrator.wait(reward_checked_on_held_out_pairs, "the reward model's held-out check")
         if exit_when_done:
             return
         print(f"\n== open {ls.url}/projects/{project.id} and log in as {USERNAME} / {PASSWORD}")
@@ -143,6 +147,22 @@ def run_demo(settings: Settings, ls_port: int, backend_port: int, exit_when_done
         if backend is not None:
             backend.stop()
         ls.stop()
+
+
+def rank_as_the_annotator(client: LabelStudio, task: dict, schema: RankingSchema) -> None:
+    """Submit the scripted annotator's ranking of the task's candidates (`hidden_preference`) to Label Studio."""
+    ranked = sorted(task["data"][schema.candidates_field], key=lambda c: hidden_preference(c["body"]))
+    client.annotations.create(id=task["id"], lead_time=5.0, result=[{
+        "from_name": schema.ranker_name, "to_name": schema.list_name, "type": "ranker",
+        "value": {"ranker": {schema.ranker_name: [c["id"] for c in ranked]}}}])
+
+
+def reward_checked_on_held_out_pairs(status: dict) -> dict | None:
+    """The first reward-model fit in these events that was judged on held-out pairs, published or refused."""
+    for event in status["events"]:
+        if event["kind"] in ("reward", "reward_refused") and (event["data"] or {}).get("held_out_pairs"):
+            return event
+    return None
 
 
 def policy_update_outcome(status: dict) -> dict | None:
