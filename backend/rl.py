@@ -16,11 +16,12 @@ Out: the new policy as a plain causal LM (LoRA merged, eval mode) and one `StepS
 trl reads from the config: steps, batch_size (prompts per step), learning_rate, warmup_steps,
 max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as beta), cliprange (as
 epsilon), stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
-trl's RLOO ran to a KL of 17.5 nats in 16 steps, docs/ppo.md), and fluency_coef, the weight of a
+trl's RLOO ran to a KL of 17.5 nats in 16 steps, docs/ppo.md), fluency_coef, the weight of a
 second reward function: PPO's per-token fluency penalty summed over each completion
-(`fluency_reward_function`). It does one optimisation pass per rollout and has no value head or
-adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value, vf_coef, target_kl and
-stop_nll_rise are PPO's alone.
+(`fluency_reward_function`), and stop_nll_rise, which ends a run the same way once the rollout's excess
+surprise per token under the reference (what that penalty measures) passes it (it needs fluency_coef > 0).
+It does one optimisation pass per rollout and has no value head or adaptive KL, so ppo_epochs,
+mini_batch_size, gamma, lam, cliprange_value, vf_coef and target_kl are PPO's alone.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from backend.ppo import (
     PPOConfig,
     PPOStepStats,
     RewardFn,
+    drift_reason,
     entropy_from_logits,
     excess_surprise,
     load_trainable_state,
@@ -239,20 +241,23 @@ def _dataset(tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPO
 
 class _StepRecorder(TrainerCallback):
     """Turns trl's per-step log into `StepStats`, with an ETA from the mean step time so far (`steps_left`), and
-    stops the run once a step's rollout KL passes `stop_kl`.
+    stops the run once a step's rollout KL passes `stop_kl` or its excess surprise per token passes
+    `stop_nll_rise`.
 
     trl logs step k after its update, from the rollout that the policy before it sampled. So, as
-    PPO does, a rollout past `stop_kl` undoes the update that produced its policy (step k - 1's)
+    PPO does, a rollout past either bound undoes the update that produced its policy (step k - 1's)
     and step k's own: the weights go back to those at the start of step k - 1.
     """
 
-    def __init__(self, steps: int, on_step: Callable[[StepStats], None] | None, stop_kl: float | None):
-        self.steps, self.on_step, self.stop_kl, self.stats = steps, on_step, stop_kl, []
+    def __init__(self, steps: int, on_step: Callable[[StepStats], None] | None, stop_kl: float | None,
+                 stop_nll_rise: float | None = None):
+        self.steps, self.on_step, self.stats = steps, on_step, []
+        self.stop_kl, self.stop_nll_rise = stop_kl, stop_nll_rise
         self.started = self.last = time.perf_counter()
         self.snapshots: list[dict[str, torch.Tensor]] = []  # trainable weights at the start of the last 2 steps
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.stop_kl is not None and model is not None:
+        if (self.stop_kl is not None or self.stop_nll_rise is not None) and model is not None:
             self.snapshots = [*self.snapshots[-1:], trainable_state(model)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -276,12 +281,25 @@ class _StepRecorder(TrainerCallback):
                  "n/a" if s.entropy is None else f"{s.entropy:.3f}", s.seconds, s.eta_seconds)
         if self.on_step is not None:
             self.on_step(s)
-        if self.stop_kl is not None and kl is not None and kl > self.stop_kl and len(self.snapshots) == 2:
+        drift = drift_reason(math.nan if kl is None else kl, rollout_surprise(logs), self.stop_kl, self.stop_nll_rise)
+        if drift is not None and len(self.snapshots) == 2:
             load_trainable_state(kwargs["model"], self.snapshots[0])
             del self.stats[-2:]  # both updates are undone: stats describe the updates the policy holds
             control.should_training_stop = True
-            log.warning("%s stopped at step %d/%d: rollout KL %.2f > stop_kl %.2f nats per sequence; kept the "
-                        "policy that sampled step %d", args.run_name, step, self.steps, kl, self.stop_kl, step - 1)
+            log.warning("%s stopped at step %d/%d: %s; kept the policy that sampled step %d", args.run_name, step,
+                        self.steps, drift, step - 1)
+
+
+def rollout_surprise(logs: dict) -> float | None:
+    """The rollout's excess surprise per token under the reference, from trl's log of `fluency_reward_function`
+    (minus the surprise summed over each completion, averaged) and the completions' mean length; None without it.
+
+    It is the reference's NLL of the rollout over what it expects of its own answers in the same contexts: the
+    NLL rise the guard rails judge, measured on the rollout."""
+    fluency, length = logs.get("rewards/fluency/mean"), logs.get("completions/mean_length")
+    if fluency is None or not length:
+        return None
+    return -float(fluency) / float(length)
 
 
 def _train_trl(
@@ -305,7 +323,10 @@ def _train_trl(
     if config.fluency_coef > 0:  # `model` is the previous policy: the reference, as in PPO
         reward_funcs.append(fluency_reward_function(model, tokenizer, config.temperature))
         reward_weights = [1.0, config.fluency_coef]
-    recorder = _StepRecorder(config.steps, on_step, config.stop_kl)
+    if config.stop_nll_rise is not None and config.fluency_coef <= 0:
+        raise ValueError(f"stop_nll_rise={config.stop_nll_rise} needs the fluency reward that measures it, but "
+                         f"fluency_coef={config.fluency_coef}: set PPO_FLUENCY_COEF > 0, or unset PPO_STOP_NLL_RISE")
+    recorder = _StepRecorder(config.steps, on_step, config.stop_kl, config.stop_nll_rise)
     with tempfile.TemporaryDirectory(prefix=f"rl-{algorithm}-") as output_dir:
         args = Config(
             output_dir=output_dir, run_name=algorithm, report_to=[], save_strategy="no", logging_steps=1,

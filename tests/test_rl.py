@@ -143,6 +143,56 @@ def test_rewards_are_centred_per_prompt_and_scaled_to_the_candidates_spread():
     assert tenfold(["a"], ["xxxxx"]) == pytest.approx(reward(["a"], ["xxxxx"]))  # any reward model's scale
 
 
+def test_trl_step_recorder_stops_once_the_rollout_surprise_passes_stop_nll_rise_and_undoes_two_updates():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from backend.rl import _StepRecorder
+
+    layer = torch.nn.Linear(2, 2)
+    recorder = _StepRecorder(steps=4, on_step=None, stop_kl=None, stop_nll_rise=0.5)
+    control, args = TrainerControl(), SimpleNamespace(run_name="grpo")
+    weights = []
+    for step, surprise_sum in enumerate([-2.0, -4.0, -9.0], start=1):  # 10 tokens: 0.2, 0.4, then 0.9 > 0.5
+        recorder.on_step_begin(args, None, control, model=layer)
+        weights.append(layer.weight.detach().clone())
+        with torch.no_grad():
+            layer.weight.add_(1.0)  # the step's update
+        logs = {"reward": 1.0, "rewards/fluency/mean": surprise_sum, "completions/mean_length": 10.0}
+        recorder.on_log(args, SimpleNamespace(global_step=step), control, logs=logs, model=layer)
+        if control.should_training_stop:
+            break
+    assert step == 3 and control.should_training_stop
+    assert torch.equal(layer.weight, weights[1])  # back to the start of step 2: its update and step 3's undone
+    assert [s.step for s in recorder.stats] == [1]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_run_with_stop_nll_rise_logs_each_rollouts_surprise_and_trains(tiny, algorithm):
+    model, tokenizer = tiny
+    config = PPOConfig(steps=2, batch_size=2, mini_batch_size=1, max_new_tokens=8, lora_rank=4, stop_nll_rise=50.0,
+                       fluency_coef=0.03)
+    _, stats = improve_policy(algorithm, model, tokenizer, PROMPTS, count_a_reward, config, group_size=2)
+    assert len(stats) == 2  # a bound no tiny rollout reaches: the run goes on
+    assert all("rewards/fluency/mean" in s.extra and s.extra["completions/mean_length"] > 0 for s in stats)
+
+
+def test_stop_nll_rise_without_the_fluency_reward_that_measures_it_names_the_fix(tiny):
+    model, tokenizer = tiny
+    config = PPOConfig(steps=1, batch_size=2, max_new_tokens=4, stop_nll_rise=0.5, fluency_coef=0.0)
+    with pytest.raises(ValueError, match="stop_nll_rise=0.5 needs the fluency reward.*PPO_FLUENCY_COEF > 0"):
+        improve_policy("grpo", model, tokenizer, PROMPTS, count_a_reward, config, group_size=2)
+
+
+def test_rollout_surprise_is_the_fluency_penalty_per_completion_token():
+    from backend.rl import rollout_surprise
+
+    assert rollout_surprise({"rewards/fluency/mean": -6.0, "completions/mean_length": 12.0}) == pytest.approx(0.5)
+    assert rollout_surprise({"completions/mean_length": 12.0}) is None  # fluency_coef 0: no fluency reward logged
+    assert rollout_surprise({"rewards/fluency/mean": -6.0, "completions/mean_length": 0.0}) is None
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_trl_run_stops_at_stop_kl_and_undoes_the_update_that_overshot(tiny, algorithm, caplog):
     model, tokenizer = tiny
