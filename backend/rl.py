@@ -18,9 +18,9 @@ max_grad_norm, lora_rank, seed, max_new_tokens, temperature, init_kl_coef (as be
 epsilon), stop_kl, which ends a run and undoes the update that overshot as PPO's does (without it
 trl's RLOO ran to a KL of 17.5 nats in 16 steps, docs/ppo.md), fluency_coef, the weight of a
 second reward function: PPO's per-token fluency penalty summed over each completion
-(`fluency_reward_function`), and stop_nll_rise, which ends a run the same way once the rollout's excess
-surprise per token under the reference (what that penalty measures) passes it (it needs fluency_coef > 0).
-It does one optimisation pass per rollout and has no value head or adaptive KL, so ppo_epochs,
+(`fluency_reward_function`), and stop_nll_rise, which ends a run the same way once the reference's NLL
+per token of a rollout rises that much over its NLL of the first rollout, the reference's own answers
+(`reference_nll_function`, a reward function of weight 0). It does one optimisation pass per rollout and has no value head or adaptive KL, so ppo_epochs,
 mini_batch_size, gamma, lam, cliprange_value, vf_coef and target_kl are PPO's alone.
 """
 
@@ -182,6 +182,38 @@ def trl_reward_function(reward_fn: RewardFn) -> Callable[..., list[float]]:
     return reward_model
 
 
+def reference_token_scores(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, temperature: float,
+                           raw_prompts: list[str], completion_ids: list[list[int]], batch_size: int = 8,
+                           ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch of `batch_size` completions, (log pi_ref of each completion token, pi_ref's entropy there, mask),
+    each (b, R); scored on trl's `completion_ids` (eos included, as sampled) after the prompt as `render_prompt`
+    renders it."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = []
+    for start in range(0, len(completion_ids), batch_size):
+        rows = [(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"], list(c))
+                for p, c in zip(raw_prompts[start:start + batch_size], completion_ids[start:start + batch_size])]
+        length, width = max(len(p) + len(c) for p, c in rows), max(max(len(c) for _, c in rows), 1)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (b, L) right-padded prompt + completion
+        attention = torch.zeros_like(ids)  # (b, L)
+        tokens = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, R) the completion tokens
+        mask = torch.zeros_like(tokens)  # (b, R)
+        at = torch.zeros((len(rows), width), dtype=torch.long)  # (b, R) position predicting each token
+        for i, (p, c) in enumerate(rows):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            attention[i, :len(p) + len(c)] = 1
+            tokens[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, :len(c)] = 1
+            at[i, :len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+        logits = reference(input_ids=ids.to(reference.device), attention_mask=attention.to(reference.device),
+                           use_cache=False).logits  # (b, L, V)
+        logits = logits.gather(1, at.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, R, V)
+        tokens, mask = tokens.to(logits.device), mask.to(logits.device)
+        scores.append((token_logprobs(logits, tokens, temperature) * mask, entropy_from_logits(logits, temperature),
+                       mask))
+    return scores
+
+
 def fluency_reward_function(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, temperature: float,
                             batch_size: int = 8) -> Callable[..., list[float]]:
     """A trl reward function: minus the `excess_surprise` of `reference` summed over each completion's tokens.
@@ -189,43 +221,38 @@ def fluency_reward_function(reference: PreTrainedModel, tokenizer: PreTrainedTok
     PPO's fluency penalty (backend/ppo.py) as a sequence reward, so that GRPO and RLOO pay for drifting
     into text the reference finds unlikely as PPO does: without it GRPO won "shorter" 0.958 while its
     answers' NLL under the base policy rose +1.64 nats/token (docs/policy.md). Its expectation is 0 on
-    the reference's own samples at any length, so it favours neither short nor long answers. Scored on
-    trl's `completion_ids` (eos included, as sampled) after the prompt as `render_prompt` renders it.
+    the reference's own samples at any length, so it favours neither short nor long answers.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @torch.no_grad()
     def fluency(prompts: list, completions: list, completion_ids: list[list[int]], raw_prompt: list[str],
                 **_: object) -> list[float]:
-        penalties: list[float] = []
-        for start in range(0, len(completion_ids), batch_size):
-            rows = [(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"], list(c))
-                    for p, c in zip(raw_prompt[start:start + batch_size], completion_ids[start:start + batch_size])]
-            length, width = max(len(p) + len(c) for p, c in rows), max(len(c) for _, c in rows)
-            if width == 0:
-                penalties += [0.0] * len(rows)
-                continue
-            ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (b, L) right-padded prompt + completion
-            attention = torch.zeros_like(ids)  # (b, L)
-            tokens = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, R) the completion tokens
-            mask = torch.zeros_like(tokens)  # (b, R)
-            at = torch.zeros((len(rows), width), dtype=torch.long)  # (b, R) position predicting each token
-            for i, (p, c) in enumerate(rows):
-                ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-                attention[i, :len(p) + len(c)] = 1
-                tokens[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-                mask[i, :len(c)] = 1
-                at[i, :len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-            logits = reference(input_ids=ids.to(reference.device), attention_mask=attention.to(reference.device),
-                               use_cache=False).logits  # (b, L, V)
-            logits = logits.gather(1, at.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, R, V)
-            tokens, mask = tokens.to(logits.device), mask.to(logits.device)
-            surprise = excess_surprise(token_logprobs(logits, tokens, temperature),
-                                       entropy_from_logits(logits, temperature), mask)  # (b, R)
-            penalties += (-surprise.sum(-1)).tolist()
-        return penalties
+        return [penalty for logprobs, entropy, mask in reference_token_scores(
+                    reference, tokenizer, temperature, raw_prompt, completion_ids, batch_size)
+                for penalty in (-excess_surprise(logprobs, entropy, mask).sum(-1)).tolist()]
 
     return fluency
+
+
+def reference_nll_function(reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, temperature: float,
+                           batch_size: int = 8) -> Callable[..., list[float]]:
+    """A trl reward function of weight 0: the reference's NLL of each completion per token (0 for an empty one).
+
+    trl logs its mean as `rewards/reference_nll/mean`, from which `_StepRecorder` stops a run on
+    `stop_nll_rise`. Not the fluency penalty's excess surprise: once a text turns odd the reference is unsure
+    of what comes next, its entropy rises with its surprise, and the excess stays small. GRPO's "shorter"
+    stopped at a rollout excess of +0.51 nats/token while its held-out answers' NLL rose +1.12
+    (docs/policy.md). The guard rails judge the NLL itself, as this does.
+    """
+
+    @torch.no_grad()
+    def reference_nll(prompts: list, completions: list, completion_ids: list[list[int]], raw_prompt: list[str],
+                      **_: object) -> list[float]:
+        return [nll for logprobs, _entropy, mask in reference_token_scores(
+                    reference, tokenizer, temperature, raw_prompt, completion_ids, batch_size)
+                for nll in (-logprobs.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()]
+
+    return reference_nll
 
 
 def _dataset(tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig):
@@ -241,8 +268,8 @@ def _dataset(tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPO
 
 class _StepRecorder(TrainerCallback):
     """Turns trl's per-step log into `StepStats`, with an ETA from the mean step time so far (`steps_left`), and
-    stops the run once a step's rollout KL passes `stop_kl` or its excess surprise per token passes
-    `stop_nll_rise`.
+    stops the run once a step's rollout KL passes `stop_kl`, or the reference's NLL per token of its rollout
+    rises more than `stop_nll_rise` over that of the first rollout (the reference's own answers).
 
     trl logs step k after its update, from the rollout that the policy before it sampled. So, as
     PPO does, a rollout past either bound undoes the update that produced its policy (step k - 1's)
@@ -253,6 +280,7 @@ class _StepRecorder(TrainerCallback):
                  stop_nll_rise: float | None = None):
         self.steps, self.on_step, self.stats = steps, on_step, []
         self.stop_kl, self.stop_nll_rise = stop_kl, stop_nll_rise
+        self.reference_nll: float | None = None  # nats/token of the first rollout, sampled by the reference
         self.started = self.last = time.perf_counter()
         self.snapshots: list[dict[str, torch.Tensor]] = []  # trainable weights at the start of the last 2 steps
 
@@ -281,7 +309,7 @@ class _StepRecorder(TrainerCallback):
                  "n/a" if s.entropy is None else f"{s.entropy:.3f}", s.seconds, s.eta_seconds)
         if self.on_step is not None:
             self.on_step(s)
-        drift = drift_reason(math.nan if kl is None else kl, rollout_surprise(logs), self.stop_kl, self.stop_nll_rise)
+        drift = drift_reason(math.nan if kl is None else kl, self.nll_rise(logs), self.stop_kl, self.stop_nll_rise)
         if drift is not None and len(self.snapshots) == 2:
             load_trainable_state(kwargs["model"], self.snapshots[0])
             del self.stats[-2:]  # both updates are undone: stats describe the updates the policy holds
@@ -289,17 +317,17 @@ class _StepRecorder(TrainerCallback):
             log.warning("%s stopped at step %d/%d: %s; kept the policy that sampled step %d", args.run_name, step,
                         self.steps, drift, step - 1)
 
-
-def rollout_surprise(logs: dict) -> float | None:
-    """The rollout's excess surprise per token under the reference, from trl's log of `fluency_reward_function`
-    (minus the surprise summed over each completion, averaged) and the completions' mean length; None without it.
-
-    It is the reference's NLL of the rollout over what it expects of its own answers in the same contexts: the
-    NLL rise the guard rails judge, measured on the rollout."""
-    fluency, length = logs.get("rewards/fluency/mean"), logs.get("completions/mean_length")
-    if fluency is None or not length:
-        return None
-    return -float(fluency) / float(length)
+    def nll_rise(self, logs: dict) -> float | None:
+        """The reference's NLL per token of this rollout over that of the first one (None without
+        `reference_nll_function`): the NLL rise the guard rails judge, measured on the rollout. The first
+        rollout's prompts are not this one's, so it carries their difference too (PPO samples the reference
+        on each prompt instead, one more generation per new prompt)."""
+        nll = logs.get("rewards/reference_nll/mean")
+        if nll is None:
+            return None
+        if self.reference_nll is None:
+            self.reference_nll = float(nll)
+        return float(nll) - self.reference_nll
 
 
 def _train_trl(
@@ -323,9 +351,9 @@ def _train_trl(
     if config.fluency_coef > 0:  # `model` is the previous policy: the reference, as in PPO
         reward_funcs.append(fluency_reward_function(model, tokenizer, config.temperature))
         reward_weights = [1.0, config.fluency_coef]
-    if config.stop_nll_rise is not None and config.fluency_coef <= 0:
-        raise ValueError(f"stop_nll_rise={config.stop_nll_rise} needs the fluency reward that measures it, but "
-                         f"fluency_coef={config.fluency_coef}: set PPO_FLUENCY_COEF > 0, or unset PPO_STOP_NLL_RISE")
+    if config.stop_nll_rise is not None:  # measured, not optimised: weight 0
+        reward_funcs.append(reference_nll_function(model, tokenizer, config.temperature))
+        reward_weights = [*(reward_weights or [1.0]), 0.0]
     recorder = _StepRecorder(config.steps, on_step, config.stop_kl, config.stop_nll_rise)
     with tempfile.TemporaryDirectory(prefix=f"rl-{algorithm}-") as output_dir:
         args = Config(

@@ -12,7 +12,7 @@ import torch
 from backend.models import load_causal_lm
 from backend.ppo import PPOConfig
 from backend.generation import render_prompt
-from backend.rl import StepStats, fluency_reward_function, improve_policy, trl_reward_function
+from backend.rl import StepStats, fluency_reward_function, improve_policy, reference_nll_function, trl_reward_function
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke.", "How do I bake bread?"]
 
@@ -143,7 +143,30 @@ def test_rewards_are_centred_per_prompt_and_scaled_to_the_candidates_spread():
     assert tenfold(["a"], ["xxxxx"]) == pytest.approx(reward(["a"], ["xxxxx"]))  # any reward model's scale
 
 
-def test_trl_step_recorder_stops_once_the_rollout_surprise_passes_stop_nll_rise_and_undoes_two_updates():
+def test_reference_nll_is_the_reference_s_mean_surprise_per_token_of_each_completion(tiny):
+    model, tokenizer = tiny
+    reference_nll = reference_nll_function(model, tokenizer, temperature=1.0)
+    likely = extreme_continuation(model, tokenizer, PROMPTS[0], 6, likeliest=True)
+    unlikely = extreme_continuation(model, tokenizer, PROMPTS[0], 3, likeliest=False)
+    nll = reference_nll(prompts=None, completions=None, completion_ids=[likely, unlikely, []],
+                        raw_prompt=PROMPTS[:1] * 3)
+    by_hand = -token_logprobs_by_hand(model, tokenizer, PROMPTS[0], likely).mean().item()
+    assert nll[0] == pytest.approx(by_hand, abs=1e-4)
+    assert nll[0] < nll[1] and nll[2] == 0.0  # per token: the unlikeliest tokens are the more surprising
+
+
+def token_logprobs_by_hand(model, tokenizer, prompt: str, completion: list[int]) -> torch.Tensor:
+    """log pi(token) of each completion token, from one unpadded forward."""
+    from backend.generation import render_prompt
+
+    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    sequence = torch.tensor([ids + completion], dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids=sequence.to(model.device)).logits[0, len(ids) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, sequence[0, len(ids):, None].to(logits.device))[:, 0]
+
+
+def test_trl_step_recorder_stops_once_the_rollout_nll_rises_past_stop_nll_rise_and_undoes_two_updates():
     from types import SimpleNamespace
 
     from transformers import TrainerControl
@@ -154,12 +177,12 @@ def test_trl_step_recorder_stops_once_the_rollout_surprise_passes_stop_nll_rise_
     recorder = _StepRecorder(steps=4, on_step=None, stop_kl=None, stop_nll_rise=0.5)
     control, args = TrainerControl(), SimpleNamespace(run_name="grpo")
     weights = []
-    for step, surprise_sum in enumerate([-2.0, -4.0, -9.0], start=1):  # 10 tokens: 0.2, 0.4, then 0.9 > 0.5
+    for step, nll in enumerate([2.4, 2.8, 3.0], start=1):  # rises 0, 0.4, then 0.6 > 0.5 over the first rollout
         recorder.on_step_begin(args, None, control, model=layer)
         weights.append(layer.weight.detach().clone())
         with torch.no_grad():
             layer.weight.add_(1.0)  # the step's update
-        logs = {"reward": 1.0, "rewards/fluency/mean": surprise_sum, "completions/mean_length": 10.0}
+        logs = {"reward": 1.0, "rewards/reference_nll/mean": nll}
         recorder.on_log(args, SimpleNamespace(global_step=step), control, logs=logs, model=layer)
         if control.should_training_stop:
             break
@@ -169,28 +192,13 @@ def test_trl_step_recorder_stops_once_the_rollout_surprise_passes_stop_nll_rise_
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_trl_run_with_stop_nll_rise_logs_each_rollouts_surprise_and_trains(tiny, algorithm):
+def test_trl_run_with_stop_nll_rise_logs_each_rollouts_reference_nll_without_rewarding_it(tiny, algorithm):
     model, tokenizer = tiny
     config = PPOConfig(steps=2, batch_size=2, mini_batch_size=1, max_new_tokens=8, lora_rank=4, stop_nll_rise=50.0,
-                       fluency_coef=0.03)
+                       fluency_coef=0.0)
     _, stats = improve_policy(algorithm, model, tokenizer, PROMPTS, count_a_reward, config, group_size=2)
     assert len(stats) == 2  # a bound no tiny rollout reaches: the run goes on
-    assert all("rewards/fluency/mean" in s.extra and s.extra["completions/mean_length"] > 0 for s in stats)
-
-
-def test_stop_nll_rise_without_the_fluency_reward_that_measures_it_names_the_fix(tiny):
-    model, tokenizer = tiny
-    config = PPOConfig(steps=1, batch_size=2, max_new_tokens=4, stop_nll_rise=0.5, fluency_coef=0.0)
-    with pytest.raises(ValueError, match="stop_nll_rise=0.5 needs the fluency reward.*PPO_FLUENCY_COEF > 0"):
-        improve_policy("grpo", model, tokenizer, PROMPTS, count_a_reward, config, group_size=2)
-
-
-def test_rollout_surprise_is_the_fluency_penalty_per_completion_token():
-    from backend.rl import rollout_surprise
-
-    assert rollout_surprise({"rewards/fluency/mean": -6.0, "completions/mean_length": 12.0}) == pytest.approx(0.5)
-    assert rollout_surprise({"completions/mean_length": 12.0}) is None  # fluency_coef 0: no fluency reward logged
-    assert rollout_surprise({"rewards/fluency/mean": -6.0, "completions/mean_length": 0.0}) is None
+    assert all(s.extra["rewards/reference_nll/mean"] > 0 for s in stats)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
