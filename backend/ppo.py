@@ -346,7 +346,7 @@ def drift_reason(kl: float, rise: float | None, stop_kl: float | None, stop_nll_
         return f"rollout KL {kl:.2f} > stop_kl {stop_kl:.2f} nats per sequence"
     if stop_nll_rise is not None and rise is not None and rise > stop_nll_rise:
         return (f"the reference's NLL of the rollout rose {rise:+.2f} > stop_nll_rise {stop_nll_rise:.2f} nats "
-                "per token over its own answers to the same prompts")
+                "per token over its own answers")
     return None
 
 

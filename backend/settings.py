@@ -76,7 +76,7 @@ class Settings(BaseModel):
     ppo_stop_kl: float = Field(
         8.0, gt=0, description="Stop a run once rollout KL passes this (nats/sequence), keeping the policy before")
     ppo_stop_nll_rise: float | None = Field(
-        None, gt=0, description="If set, stop a run once the previous policy's NLL of rollouts rises this much over its own answers (nats/token), keeping the policy before (PPO; GRPO and RLOO measure it with the fluency reward)")
+        None, gt=0, description="If set, stop a run once the previous policy's NLL of rollouts rises this much over its own answers (nats/token), keeping the policy before (PPO: on the same prompts; GRPO and RLOO: over their first rollout)")
     ppo_max_kl: float = Field(
         12.0, gt=0, description="Publish no policy whose held-out KL to the serving one exceeds this (nats/answer)")
     ppo_max_nll_rise: float = Field(
