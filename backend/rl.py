@@ -20,8 +20,9 @@ trl's RLOO ran to a KL of 17.5 nats in 16 steps, docs/ppo.md), fluency_coef, the
 second reward function: PPO's per-token fluency penalty summed over each completion
 (`fluency_reward_function`), and stop_nll_rise, which ends a run the same way once the reference's NLL
 per token of a rollout rises that much over its NLL of the first rollout, the reference's own answers
-(`reference_nll_function`, a reward function of weight 0). It does one optimisation pass per rollout and has no value head or adaptive KL, so ppo_epochs,
-mini_batch_size, gamma, lam, cliprange_value, vf_coef and target_kl are PPO's alone.
+(`reference_nll_function`, a reward function of weight 0). It does one optimisation pass per rollout and
+has no value head or adaptive KL, so ppo_epochs, mini_batch_size, gamma, lam, cliprange_value, vf_coef
+and target_kl are PPO's alone.
 """
 
 from __future__ import annotations
