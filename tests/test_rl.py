@@ -157,8 +157,6 @@ def test_reference_nll_is_the_reference_s_mean_surprise_per_token_of_each_comple
 
 def token_logprobs_by_hand(model, tokenizer, prompt: str, completion: list[int]) -> torch.Tensor:
     """log pi(token) of each completion token, from one unpadded forward."""
-    from backend.generation import render_prompt
-
     ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     sequence = torch.tensor([ids + completion], dtype=torch.long)
     with torch.no_grad():
