@@ -215,6 +215,7 @@ class Result:
     rm_scores_new: list[float] = field(default_factory=list)
     rm_scores_base: list[float] = field(default_factory=list)
     taste_verdicts: list[int] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)  # run_loop: each update's pairs, verdict and win-rate
 
 
 def peak_rss_gb() -> float:
@@ -284,6 +285,96 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
         taste_verdicts=[(preference(n) > preference(b)) - (preference(n) < preference(b))
                         for n, b in zip(new_answers, base_answers)],
     )
+
+
+def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train_prompts: list[str],
+             candidates: list[list[str]], eval_prompts: list[str], base_answers: list[str],
+             knobs: Knobs, max_kl: float, rounds: int) -> Result:
+    """The loop a user gets from the automatic trigger, in `rounds` updates instead of one.
+
+    The annotator ranks the training questions in `rounds` batches (`loop_batches`). After each batch
+    the reward model is refitted on every pair so far and the serving policy is updated from itself; the
+    guard rails judge the update against the serving policy, as the worker does. A published update
+    serves from then on and writes fresh candidates for the questions not ranked yet (the worker's
+    regenerate job). The result judges the last serving policy against the base policy: what the
+    annotators are left with, 0.5 if nothing was published. `rounds` in the row says how each round went.
+    """
+    started = time.perf_counter()
+    k, tokens = knobs.eval_samples, knobs.ppo.max_new_tokens
+    batches = loop_batches(len(train_prompts), rounds, knobs.ppo.seed)
+    shown = dict(zip(train_prompts, candidates))  # the candidates each task holds now
+    serving, serving_answers = base, base_answers
+    prompts, chosen, rejected, all_stats, history = [], [], [], [], []
+    for r, batch in enumerate(batches):
+        batch_prompts = [train_prompts[i] for i in batch]
+        p, c, j = annotate(batch_prompts, [shown[q] for q in batch_prompts], preference, knobs.annotation)
+        prompts, chosen, rejected = prompts + p, chosen + c, rejected + j
+        reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
+        right, judged = held_out_agreement(reward, eval_prompts, serving_answers, preference)
+        rm_accuracy_low = wilson_interval(right, judged)[0] if judged else None
+        torch.manual_seed(knobs.ppo.seed + r)
+        new, stats = improve_policy(knobs.algorithm, serving, tokenizer, train_prompts,
+                                    normalised_to_candidates(reward.score, shown), knobs.ppo,
+                                    group_size=knobs.group_size, pairs=(prompts, chosen, rejected),
+                                    dpo_config=knobs.dpo)
+        all_stats += stats
+        torch.manual_seed(knobs.ppo.seed + 1)
+        _, new_answers, _ = sample(new, tokenizer, eval_prompts[::k], k, tokens)
+        rewards_new, rewards_old = reward.score(eval_prompts, new_answers), reward.score(eval_prompts, serving_answers)
+        _, reward_se = paired_prompt_difference(rewards_new, rewards_old, k)
+        nll_new, nll_old, rise_se = held_out_nll(serving, tokenizer, eval_prompts, new_answers, serving_answers, k)
+        published, reason = should_publish(
+            sampled_kl(new, serving, tokenizer, eval_prompts, new_answers), max_kl,
+            sum(rewards_new) / len(rewards_new), sum(rewards_old) / len(rewards_old), reward_se=reward_se,
+            rm_accuracy_low=rm_accuracy_low, min_rm_accuracy=Settings().ppo_min_rm_accuracy,
+            nll_rise=nll_new - nll_old, max_nll_rise=Settings().ppo_max_nll_rise, nll_rise_se=rise_se)
+        t = tally(new_answers, base_answers, preference)
+        history.append({"round": r + 1, "pairs": len(prompts), "steps": len(stats), "published": published,
+                        "reason": reason, "win_rate_vs_base": t.win_rate, "wins": t.wins, "losses": t.losses,
+                        "rm_held_out_accuracy": right / judged if judged else math.nan})
+        log.info("%s round %d: %d pairs, %d steps, win %.3f against base, %s: %s", name, r + 1, len(prompts),
+                 len(stats), t.win_rate, "published" if published else "refused", reason)
+        if published and stats:
+            serving, serving_answers = new, new_answers
+            unranked = [train_prompts[i] for later in batches[r + 1:] for i in later]
+            torch.manual_seed(knobs.ppo.seed + 100 + r)
+            shown.update(zip(unranked, sample_completions(serving, tokenizer, unranked, knobs.candidates,
+                                                          knobs.candidate_tokens)))
+    t = tally(serving_answers, base_answers, preference)
+    rewards_new, rewards_base = reward.score(eval_prompts, serving_answers), reward.score(eval_prompts, base_answers)
+    nll_new, nll_base, rise_se = held_out_nll(base, tokenizer, eval_prompts, serving_answers, base_answers, k)
+    seconds_per_update, rollout_tps = step_timings(all_stats)
+    last = history[-1]
+    return Result(
+        preference=name, pairs=len(prompts), rm_held_out_accuracy=last["rm_held_out_accuracy"],
+        rm_held_out_pairs=judged, rm_held_out_accuracy_low=rm_accuracy_low, algorithm=knobs.algorithm,
+        ppo_steps=len(all_stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
+        final_train_kl=all_stats[-1].kl if all_stats else None,
+        held_out_kl=sampled_kl(serving, base, tokenizer, eval_prompts, serving_answers),
+        wins=t.wins, losses=t.losses, ties=t.ties, win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
+        nll_base_answers=nll_base, nll_new_answers=nll_new, nll_rise_se=rise_se,
+        reward_base=sum(rewards_base) / len(rewards_base), reward_new=sum(rewards_new) / len(rewards_new),
+        chars_base=mean_chars(base_answers), chars_new=mean_chars(serving_answers),
+        published=any(h["published"] for h in history),
+        reason=" | ".join(f"round {h['round']}: {'published' if h['published'] else 'refused'}, {h['reason']}"
+                          for h in history),
+        peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,
+        samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::k], serving_answers[::k])][:6],
+        rm_scores_new=[round(x, 4) for x in rewards_new], rm_scores_base=[round(x, 4) for x in rewards_base],
+        taste_verdicts=[(preference(n) > preference(b)) - (preference(n) < preference(b))
+                        for n, b in zip(serving_answers, base_answers)],
+        rounds=history,
+    )
+
+
+def loop_batches(questions: int, rounds: int, seed: int) -> list[list[int]]:
+    """The training questions in a seeded order, cut into `rounds` batches of (nearly) equal size: the
+    questions the annotator ranks before each update of `run_loop`."""
+    if not 1 <= rounds <= questions:
+        raise ValueError(f"rounds={rounds} is invalid: give 1 to {questions} (one update per batch of questions)")
+    order = list(range(questions))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[r * questions // rounds:(r + 1) * questions // rounds]) for r in range(rounds)]
 
 
 def ranked_sample(questions: int, ranked: int | None, seed: int) -> list[int]:

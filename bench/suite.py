@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ppo_loop import MORE_NUMERIC, MORE_OPEN, Knobs, machine, run_experiment, sample, split_prompts  # noqa: E402
+from ppo_loop import MORE_NUMERIC, MORE_OPEN, Knobs, machine, run_experiment, run_loop, sample, split_prompts  # noqa: E402
 from preference_suite import SUITE  # noqa: E402
 
 from backend.evaluation import REWARD_GAIN_Z, paired_prompt_difference, should_publish, sign_test_p_value  # noqa: E402
@@ -180,7 +180,8 @@ def report(paths: list[Path]) -> str:
     by_settings: dict[str, list[dict]] = {}
     for r in rows:
         ranked = {"ranked_questions": r["ranked_questions"]} if "ranked_questions" in r else {}
-        key = (json.dumps({**r["settings"], **ranked}, sort_keys=True) if "settings" in r
+        looped = {"rounds": len(r["rounds"])} if "rounds" in r else {}
+        key = (json.dumps({**r["settings"], **ranked, **looped}, sort_keys=True) if "settings" in r
                else "not recorded (the defaults of their day)")
         by_settings.setdefault(key, []).append(r)
     parts = [f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items()]
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranked-questions", type=int, metavar="N",
                         help="the annotator ranks only N of the training questions (a seeded sample; the update "
                              "still trains on all): the signal a run needs, for PPO_TRIGGER_PAIRS")
+    parser.add_argument("--rounds", type=int, metavar="R",
+                        help="the automatic trigger's loop: the annotator ranks the questions in R batches, each "
+                             "followed by an update of the serving policy under the guard rails; the last serving "
+                             "policy is judged (bench/ppo_loop.py's run_loop)")
     parser.add_argument("--set", nargs="+", default=[], metavar="SETTING=VALUE", type=setting_override,
                         help="judge a candidate default on the suite, e.g. --set ppo_stop_kl=8 (Settings' field names)")
     parser.add_argument("--report", nargs="+", type=Path, metavar="ROWS.jsonl",
@@ -212,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         print(report(args.report))
         return
+    if args.rounds is not None and args.ranked_questions is not None:
+        parser.error("--rounds and --ranked-questions: give one (the loop ranks every question, a batch a round)")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 or more (one update after each batch of questions)")
     overrides = dict(args.set)
     try:  # a wrong name or value fails here, before any sampling
         Settings(**overrides)
@@ -236,11 +245,15 @@ def main(argv: list[str] | None = None) -> None:
             taste = SUITE[name]
             for algorithm in args.algorithms:
                 knobs = user_knobs(algorithm, seed, overrides)
-                result = run_experiment(name, taste.score, base, tokenizer, encoder, train_prompts, candidates,
-                                        eval_prompts, base_answers,
-                                        replace(knobs, annotation=taste.verdict, ranked_questions=args.ranked_questions),
-                                        args.max_kl)
-                row = {**asdict(result), "seed": seed, "settings": overrides}
+                knobs = replace(knobs, annotation=taste.verdict, ranked_questions=args.ranked_questions)
+                experiment = (run_experiment(name, taste.score, base, tokenizer, encoder, train_prompts, candidates,
+                                             eval_prompts, base_answers, knobs, args.max_kl)
+                              if args.rounds is None else
+                              run_loop(name, taste.score, base, tokenizer, encoder, train_prompts, candidates,
+                                       eval_prompts, base_answers, knobs, args.max_kl, args.rounds))
+                row = {**asdict(experiment), "seed": seed, "settings": overrides}
+                if not row["rounds"]:
+                    del row["rounds"]  # one update, as every row before --rounds
                 if args.ranked_questions is not None:
                     row["ranked_questions"] = args.ranked_questions
                 rows.append(row)

@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ppo_loop import PREFERENCES, Knobs, run_experiment, sample, split_prompts, step_timings  # noqa: E402
+import ppo_loop  # noqa: E402
+from ppo_loop import PREFERENCES, Knobs, run_experiment, run_loop, sample, split_prompts, step_timings  # noqa: E402
 
 from backend.generation import sample_completions  # noqa: E402
 from backend.models import (  # noqa: E402
@@ -45,6 +46,30 @@ def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float,
     eval_prompts, base_answers, _ = sample(base, tokenizer, held_out, knobs.eval_samples, knobs.ppo.max_new_tokens)
     return run_experiment(name, PREFERENCES[name], base, tokenizer, encoder, train_prompts, candidates,
                           eval_prompts, base_answers, knobs, max_kl)
+
+
+def test_the_loop_updates_after_each_batch_and_serves_the_last_published_update(tiny_policy, tiny_encoder,
+                                                                                monkeypatch):
+    verdicts = iter([(True, "round 1 shown better"), (False, "round 2 not shown better")])
+    monkeypatch.setattr(ppo_loop, "should_publish", lambda *args, **kwargs: next(verdicts))
+    knobs = Knobs(candidates=3, candidate_tokens=8, eval_samples=2, held_out=8, algorithm="ppo", ppo=PPOConfig(
+        steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=8, lora_rank=4, learning_rate=1e-2))
+    base, tokenizer = load_causal_lm(str(tiny_policy))
+    encoder = TextEncoder(*load_encoder(str(tiny_encoder)), name="encoder", store=None)
+    train_prompts, held_out = split_prompts(knobs.held_out)
+    train_prompts = train_prompts[:8]
+    torch.manual_seed(0)
+    candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
+    eval_prompts, base_answers, _ = sample(base, tokenizer, held_out, knobs.eval_samples, knobs.ppo.max_new_tokens)
+
+    result = run_loop("shorter", PREFERENCES["shorter"], base, tokenizer, encoder, train_prompts, candidates,
+                      eval_prompts, base_answers, knobs, max_kl=1e9, rounds=2)
+
+    first, second = result.rounds
+    assert (first["published"], second["published"], result.published) == (True, False, True)
+    assert 0 < first["pairs"] < second["pairs"] == result.pairs  # the second update trains on both batches
+    assert result.win_rate == first["win_rate_vs_base"]  # the refused second update never served
+    assert result.ppo_steps == first["steps"] + second["steps"]
 
 
 def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference_and_records_each_pair(

@@ -102,3 +102,30 @@ def test_the_annotator_ranks_a_seeded_sample_of_the_questions_or_all_of_them():
     assert len(set(sample)) == 12 and all(0 <= i < 36 for i in sample) and sample == sorted(sample)
     assert sample == ranked_sample(36, 12, seed=0) != ranked_sample(36, 12, seed=1)
     assert ranked_sample(36, None, seed=0) == ranked_sample(36, 40, seed=0) == list(range(36))
+
+
+def test_report_keeps_looped_runs_apart_from_single_update_runs(tmp_path):
+    looped = {**row("shorter", 0, 20, 5, 1e-3, True), "rounds": [{"round": 1}, {"round": 2}]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row("shorter", 0, 30, 5, 1e-5, True)) + "\n" + json.dumps(looped) + "\n")
+
+    text = suite.report([path])
+
+    assert 'settings {"rounds": 2}:' in text and "settings {}:" in text and text.count("| ppo | 1 |") == 2
+
+
+def test_the_loop_ranks_every_question_once_in_seeded_batches_of_nearly_equal_size():
+    from ppo_loop import loop_batches
+
+    batches = loop_batches(36, 2, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(36)) and [len(b) for b in batches] == [18, 18]
+    assert batches == loop_batches(36, 2, seed=0) != loop_batches(36, 2, seed=1)
+    assert [len(b) for b in loop_batches(10, 3, seed=0)] == [3, 3, 4]
+    with pytest.raises(ValueError, match="rounds=0 is invalid"):
+        loop_batches(36, 0, seed=0)
+
+
+def test_rounds_with_ranked_questions_is_a_usage_error_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        suite.main(["--rounds", "2", "--ranked-questions", "12"])
+    assert "give one" in capsys.readouterr().err
