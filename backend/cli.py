@@ -11,7 +11,7 @@ import typer
 
 from backend import __version__, configure_logging
 from backend.reward_cli import reward_app
-from backend.settings import SettingsError, load_settings, worker_process_env
+from backend.settings import SettingsError, load_settings
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="An RLHF loop inside Label Studio.",
                   epilog="Settings come from environment variables, read once and validated (README, Settings): "
@@ -94,7 +94,7 @@ def worker(lane: str = typer.Option("split", help="Jobs to run: 'split' = a fast
         # during PPO 4.9x slower than idle (docs/queue.md)
         share = max(1, (os.cpu_count() or 1) // len(lanes)) if len(lanes) > 1 else 0
         supervise([[sys.executable, "-m", "backend.cli", "worker", "--no-supervised", "--lane", name,
-                    "--threads", str(share)] for name in lanes], store, env=worker_process_env(settings))
+                    "--threads", str(share)] for name in lanes], store)
         return
     if len(lanes) > 1:
         typer.echo("error: --no-supervised runs one worker: pass --lane fast, train or all", err=True)

@@ -105,14 +105,7 @@ class Settings(BaseModel):
     train_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the worker trains policies and runs their held-out check; auto = cuda if available")
     torch_threads: int = Field(0, ge=0, le=256, description="torch threads per worker; 0 = auto (serve's two lanes: half the cores each)")
-    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = Field(
-        "PASSIVE", description="OpenMP wait policy of the workers `rlhf-backend worker` starts: PASSIVE threads sleep at once at a barrier, so a worker beside busy processes is not starved (docs/queue.md)")
     seed: int = Field(0, ge=0, description="Seed of sampling and training")
-
-    @field_validator("omp_wait_policy", mode="before")
-    @classmethod
-    def _upper_case_wait_policy(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value  # OpenMP reads passive as PASSIVE
 
     @field_validator("accelerate_config")
     @classmethod
@@ -159,12 +152,6 @@ def _one_line(exc: ValidationError) -> str:
         return first["msg"].removeprefix("Value error, ")
     name = str(first["loc"][0]).upper()
     return f"invalid setting {name}={first.get('input')!r}: {first['msg']}"
-
-
-def worker_process_env(settings: Settings) -> dict[str, str]:
-    """The environment of a worker process the supervisor starts: this one's, with the OpenMP wait policy
-    that libgomp reads once, as torch loads it (too late to set from inside the worker)."""
-    return {**os.environ, "OMP_WAIT_POLICY": settings.omp_wait_policy}
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from backend.store import MAX_JOB_ATTEMPTS, Store, worker_name
@@ -35,15 +34,14 @@ class Child:
 
 
 def supervise(commands: list[list[str]], store: Store, grace_seconds: float = 20.0,
-              stop: threading.Event | None = None, env: Mapping[str, str] | None = None) -> None:
-    """Run every command (one per lane) in `env` (None: this process's environment) until `stop` is set (or
-    SIGTERM/SIGINT), restarting each that exits."""
+              stop: threading.Event | None = None) -> None:
+    """Run every command (one per lane) until `stop` is set (or SIGTERM/SIGINT), restarting each that exits."""
     stop = stop_on_termination(stop or threading.Event())
     children = [Child(command) for command in commands]
     while not stop.is_set():
         for child in children:
             if child.process is None and time.monotonic() >= child.restart_at:
-                child.process, child.started = subprocess.Popen(child.command, env=env), time.monotonic()
+                child.process, child.started = subprocess.Popen(child.command), time.monotonic()
                 log.info("training worker started (pid %d): %s", child.process.pid, " ".join(child.command[-3:]))
             elif child.process is not None and child.process.poll() is not None:
                 restart_later(child, store)

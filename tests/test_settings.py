@@ -58,13 +58,3 @@ def test_readme_documents_every_setting_with_its_default():
         assert name.upper() in rows, f"README lacks a row for {name.upper()}"
         default = str(field.default) if field.default != "" else "(empty)"
         assert rows[name.upper()].strip().strip("`") == default, name.upper()
-
-
-def test_omp_wait_policy_takes_either_case_and_refuses_other_values_naming_the_variable():
-    from backend.settings import SettingsError, worker_process_env
-
-    assert load_settings({}).omp_wait_policy == "PASSIVE"
-    assert load_settings({"OMP_WAIT_POLICY": "active"}).omp_wait_policy == "ACTIVE"
-    with pytest.raises(SettingsError, match="OMP_WAIT_POLICY='SOMETIMES': Input should be 'PASSIVE' or 'ACTIVE'"):
-        load_settings({"OMP_WAIT_POLICY": "sometimes"})
-    assert worker_process_env(load_settings({"OMP_WAIT_POLICY": "active"}))["OMP_WAIT_POLICY"] == "ACTIVE"
