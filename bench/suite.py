@@ -185,8 +185,10 @@ def report(paths: list[Path]) -> str:
                else "not recorded (the defaults of their day)")
         by_settings.setdefault(key, []).append(r)
     parts = [f"settings {key}:\n\n" + table(rs) + "\n\n" + summary(rs) for key, rs in by_settings.items()]
-    recorded = [r for r in rows if r.get("rm_scores_new")]
-    if recorded:  # rows since the per-pair scores were recorded: the publish rules side by side
+    # rows since the per-pair scores were recorded: the publish rules side by side (not a loop's rows: each of
+    # its updates was judged against the policy serving then, not against the base policy)
+    recorded = [r for r in rows if r.get("rm_scores_new") and "rounds" not in r]
+    if recorded:
         parts.append(f"publish rules on the {len(recorded)} runs that recorded per-pair scores:\n\n"
                      + publish_rule_table(recorded))
     return "\n\n".join(parts)
