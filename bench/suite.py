@@ -15,6 +15,8 @@ with the backend's defaults (backend/worker.py's ppo_config and dpo_config of `S
 Run: `.venv/bin/python bench/suite.py --algorithms dpo ppo --seeds 0 1 2` (docs/policy.md has the
 minutes each run took on 2 cores). `--set ppo_stop_kl=8` judges a candidate default the same way.
 `--report docs/suite-seed*.jsonl` prints the tables of rows stored before, without running anything.
+`--rounds 2` runs the loop the automatic trigger gives a user instead of one update on every pair: two batches
+of rankings, each followed by an update of the serving policy under the guard rails; the served policy is judged.
 """
 
 from __future__ import annotations
