@@ -258,30 +258,62 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     torch.manual_seed(knobs.ppo.seed + 1)
     _, new_answers, _ = sample(new, tokenizer, eval_prompts[::knobs.eval_samples], knobs.eval_samples,
                                knobs.ppo.max_new_tokens)
-    t = tally(new_answers, base_answers, preference)
-    rewards_new, rewards_base = reward.score(eval_prompts, new_answers), reward.score(eval_prompts, base_answers)
-    reward_new, reward_base = sum(rewards_new) / len(rewards_new), sum(rewards_base) / len(rewards_base)
-    _, reward_se = paired_prompt_difference(rewards_new, rewards_base, knobs.eval_samples)
-    kl = sampled_kl(new, base, tokenizer, eval_prompts, new_answers)
-    nll_new, nll_base, rise_se = held_out_nll(base, tokenizer, eval_prompts, new_answers, base_answers,
-                                              knobs.eval_samples)
+    comparison = compare(new, base, tokenizer, reward, eval_prompts, new_answers, base_answers, knobs.eval_samples)
     # the reward model's accuracy stands in for the product's check on held-out human pairs
-    published, reason = should_publish(kl, max_kl, reward_new, reward_base, reward_se=reward_se,
-                                       rm_accuracy_low=rm_accuracy_low, min_rm_accuracy=Settings().ppo_min_rm_accuracy,
-                                       nll_rise=nll_new - nll_base, max_nll_rise=Settings().ppo_max_nll_rise,
-                                       nll_rise_se=rise_se)
+    published, reason = guard_rails(comparison, max_kl, rm_accuracy_low)
     return Result(
         preference=name, pairs=len(prompts), rm_held_out_accuracy=rm_accuracy, rm_held_out_pairs=judged,
         rm_held_out_accuracy_low=rm_accuracy_low, algorithm=knobs.algorithm,
         ppo_steps=len(stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
-        final_train_kl=stats[-1].kl if stats else None, held_out_kl=kl, wins=t.wins, losses=t.losses, ties=t.ties,
-        win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
-        nll_base_answers=nll_base, nll_new_answers=nll_new, nll_rise_se=rise_se,
-        reward_base=reward_base, reward_new=reward_new, chars_base=mean_chars(base_answers),
-        chars_new=mean_chars(new_answers), published=published, reason=reason,
+        final_train_kl=stats[-1].kl if stats else None, published=published, reason=reason,
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,
-        samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::knobs.eval_samples], new_answers[::knobs.eval_samples])][:6],
-        rm_scores_new=[round(r, 4) for r in rewards_new], rm_scores_base=[round(r, 4) for r in rewards_base],
+        **judged_fields(comparison, preference, eval_prompts, new_answers, base_answers, knobs.eval_samples),
+    )
+
+
+@dataclass
+class Comparison:
+    """A new policy's held-out answers against an old policy's, as the guard rails measure them."""
+    rewards_new: list[float]  # the reward model's score of each answer
+    rewards_old: list[float]
+    reward_se: float  # standard error of the mean reward difference, paired by prompt
+    kl: float  # KL(new || old), nats per answer
+    nll_new: float  # under the old policy, nats per token
+    nll_old: float
+    nll_rise_se: float
+
+
+def compare(new, old, tokenizer, reward: RewardModel, eval_prompts: list[str], new_answers: list[str],
+            old_answers: list[str], k: int) -> Comparison:
+    rewards_new, rewards_old = reward.score(eval_prompts, new_answers), reward.score(eval_prompts, old_answers)
+    _, reward_se = paired_prompt_difference(rewards_new, rewards_old, k)
+    nll_new, nll_old, rise_se = held_out_nll(old, tokenizer, eval_prompts, new_answers, old_answers, k)
+    return Comparison(rewards_new, rewards_old, reward_se, sampled_kl(new, old, tokenizer, eval_prompts, new_answers),
+                      nll_new, nll_old, rise_se)
+
+
+def guard_rails(c: Comparison, max_kl: float, rm_accuracy_low: float | None) -> tuple[bool, str]:
+    """The worker's publish rule (`should_publish`) with the backend's default bounds."""
+    defaults = Settings()
+    return should_publish(c.kl, max_kl, sum(c.rewards_new) / len(c.rewards_new),
+                          sum(c.rewards_old) / len(c.rewards_old), reward_se=c.reward_se,
+                          rm_accuracy_low=rm_accuracy_low, min_rm_accuracy=defaults.ppo_min_rm_accuracy,
+                          nll_rise=c.nll_new - c.nll_old, max_nll_rise=defaults.ppo_max_nll_rise,
+                          nll_rise_se=c.nll_rise_se)
+
+
+def judged_fields(c: Comparison, preference, eval_prompts: list[str], new_answers: list[str],
+                  base_answers: list[str], k: int) -> dict:
+    """The `Result` fields that judge new answers against the base policy's (`c` compares the two)."""
+    t = tally(new_answers, base_answers, preference)
+    return dict(
+        held_out_kl=c.kl, wins=t.wins, losses=t.losses, ties=t.ties, win_rate=t.win_rate,
+        p_value=sign_test_p_value(t.wins, t.losses), nll_base_answers=c.nll_old, nll_new_answers=c.nll_new,
+        nll_rise_se=c.nll_rise_se, reward_base=sum(c.rewards_old) / len(c.rewards_old),
+        reward_new=sum(c.rewards_new) / len(c.rewards_new), chars_base=mean_chars(base_answers),
+        chars_new=mean_chars(new_answers),
+        samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::k], new_answers[::k])][:6],
+        rm_scores_new=[round(r, 4) for r in c.rewards_new], rm_scores_base=[round(r, 4) for r in c.rewards_old],
         taste_verdicts=[(preference(n) > preference(b)) - (preference(n) < preference(b))
                         for n, b in zip(new_answers, base_answers)],
     )
@@ -320,14 +352,8 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
         all_stats += stats
         torch.manual_seed(knobs.ppo.seed + 1)
         _, new_answers, _ = sample(new, tokenizer, eval_prompts[::k], k, tokens)
-        rewards_new, rewards_old = reward.score(eval_prompts, new_answers), reward.score(eval_prompts, serving_answers)
-        _, reward_se = paired_prompt_difference(rewards_new, rewards_old, k)
-        nll_new, nll_old, rise_se = held_out_nll(serving, tokenizer, eval_prompts, new_answers, serving_answers, k)
-        published, reason = should_publish(
-            sampled_kl(new, serving, tokenizer, eval_prompts, new_answers), max_kl,
-            sum(rewards_new) / len(rewards_new), sum(rewards_old) / len(rewards_old), reward_se=reward_se,
-            rm_accuracy_low=rm_accuracy_low, min_rm_accuracy=Settings().ppo_min_rm_accuracy,
-            nll_rise=nll_new - nll_old, max_nll_rise=Settings().ppo_max_nll_rise, nll_rise_se=rise_se)
+        published, reason = guard_rails(compare(new, serving, tokenizer, reward, eval_prompts, new_answers,
+                                                serving_answers, k), max_kl, rm_accuracy_low)
         t = tally(new_answers, base_answers, preference)
         history.append({"round": r + 1, "pairs": len(prompts), "steps": len(stats), "published": published,
                         "reason": reason, "win_rate_vs_base": t.win_rate, "wins": t.wins, "losses": t.losses,
@@ -340,9 +366,6 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
             torch.manual_seed(knobs.ppo.seed + 100 + r)
             shown.update(zip(unranked, sample_completions(serving, tokenizer, unranked, knobs.candidates,
                                                           knobs.candidate_tokens)))
-    t = tally(serving_answers, base_answers, preference)
-    rewards_new, rewards_base = reward.score(eval_prompts, serving_answers), reward.score(eval_prompts, base_answers)
-    nll_new, nll_base, rise_se = held_out_nll(base, tokenizer, eval_prompts, serving_answers, base_answers, k)
     seconds_per_update, rollout_tps = step_timings(all_stats)
     last = history[-1]
     return Result(
@@ -350,20 +373,12 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
         rm_held_out_pairs=judged, rm_held_out_accuracy_low=rm_accuracy_low, algorithm=knobs.algorithm,
         ppo_steps=len(all_stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
         final_train_kl=all_stats[-1].kl if all_stats else None,
-        held_out_kl=sampled_kl(serving, base, tokenizer, eval_prompts, serving_answers),
-        wins=t.wins, losses=t.losses, ties=t.ties, win_rate=t.win_rate, p_value=sign_test_p_value(t.wins, t.losses),
-        nll_base_answers=nll_base, nll_new_answers=nll_new, nll_rise_se=rise_se,
-        reward_base=sum(rewards_base) / len(rewards_base), reward_new=sum(rewards_new) / len(rewards_new),
-        chars_base=mean_chars(base_answers), chars_new=mean_chars(serving_answers),
         published=any(h["published"] for h in history),
         reason=" | ".join(f"round {h['round']}: {'published' if h['published'] else 'refused'}, {h['reason']}"
                           for h in history),
-        peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started,
-        samples=[f"{p} -> {a}" for p, a in zip(eval_prompts[::k], serving_answers[::k])][:6],
-        rm_scores_new=[round(x, 4) for x in rewards_new], rm_scores_base=[round(x, 4) for x in rewards_base],
-        taste_verdicts=[(preference(n) > preference(b)) - (preference(n) < preference(b))
-                        for n, b in zip(serving_answers, base_answers)],
-        rounds=history,
+        peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started, rounds=history,
+        **judged_fields(compare(serving, base, tokenizer, reward, eval_prompts, serving_answers, base_answers, k),
+                        preference, eval_prompts, serving_answers, base_answers, k),
     )
 
 
