@@ -85,14 +85,16 @@ def test_report_publishes_under_no_rule_a_gain_whose_answers_are_not_shown_fluen
     assert "| 1 | 1 |" not in rules
 
 
-def test_report_keeps_runs_on_fewer_ranked_questions_apart_from_runs_on_all(tmp_path):
-    few = {**row("shorter", 0, 8, 9, 0.6, False), "ranked_questions": 12}
+@pytest.mark.parametrize("regime, key", [({"ranked_questions": 12}, '{"ranked_questions": 12}'),
+                                         ({"rounds": [{"round": 1}, {"round": 2}]}, '{"rounds": 2}')])
+def test_report_keeps_runs_on_fewer_ranked_questions_or_in_rounds_apart_from_one_update_on_all(tmp_path, regime, key):
+    other = {**row("shorter", 0, 8, 9, 0.6, False), **regime}
     path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps(row("shorter", 0, 30, 5, 1e-5, True)) + "\n" + json.dumps(few) + "\n")
+    path.write_text(json.dumps(row("shorter", 0, 30, 5, 1e-5, True)) + "\n" + json.dumps(other) + "\n")
 
     text = suite.report([path])
 
-    assert 'settings {"ranked_questions": 12}:' in text and "settings {}:" in text and text.count("| ppo | 1 |") == 2
+    assert f"settings {key}:" in text and "settings {}:" in text and text.count("| ppo | 1 |") == 2
 
 
 def test_the_annotator_ranks_a_seeded_sample_of_the_questions_or_all_of_them():
@@ -102,16 +104,6 @@ def test_the_annotator_ranks_a_seeded_sample_of_the_questions_or_all_of_them():
     assert len(set(sample)) == 12 and all(0 <= i < 36 for i in sample) and sample == sorted(sample)
     assert sample == ranked_sample(36, 12, seed=0) != ranked_sample(36, 12, seed=1)
     assert ranked_sample(36, None, seed=0) == ranked_sample(36, 40, seed=0) == list(range(36))
-
-
-def test_report_keeps_looped_runs_apart_from_single_update_runs(tmp_path):
-    looped = {**row("shorter", 0, 20, 5, 1e-3, True), "rounds": [{"round": 1}, {"round": 2}]}
-    path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps(row("shorter", 0, 30, 5, 1e-5, True)) + "\n" + json.dumps(looped) + "\n")
-
-    text = suite.report([path])
-
-    assert 'settings {"rounds": 2}:' in text and "settings {}:" in text and text.count("| ppo | 1 |") == 2
 
 
 def test_the_loop_ranks_every_question_once_in_seeded_batches_of_nearly_equal_size():
