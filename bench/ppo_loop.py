@@ -326,7 +326,9 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
 
     The annotator ranks the training questions in `rounds` batches (`loop_batches`). After each batch
     the reward model is refitted on every pair so far and the serving policy is updated from itself; the
-    guard rails judge the update against the serving policy, as the worker does. A published update
+    guard rails judge the update against the serving policy, as the worker does, and the reward model on
+    the held-out answers of every policy served so far (the worker: on every held-out pair the project
+    has, whichever policy wrote its candidates). A published update
     serves from then on and writes fresh candidates for the questions not ranked yet (the worker's
     regenerate job). The result judges the last serving policy against the base policy: what the
     annotators are left with, 0.5 if nothing was published. `rounds` in the row says how each round went.
@@ -336,13 +338,15 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
     batches = loop_batches(len(train_prompts), rounds, knobs.ppo.seed)
     shown = dict(zip(train_prompts, candidates))  # the candidates each task holds now
     serving, serving_answers = base, base_answers
+    served_answers = [base_answers]  # held-out answers of every policy served so far: the project's held-out pairs
     prompts, chosen, rejected, all_stats, history = [], [], [], [], []
     for r, batch in enumerate(batches):
         batch_prompts = [train_prompts[i] for i in batch]
         p, c, j = annotate(batch_prompts, [shown[q] for q in batch_prompts], preference, knobs.annotation)
         prompts, chosen, rejected = prompts + p, chosen + c, rejected + j
         reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
-        right, judged = held_out_agreement(reward, eval_prompts, serving_answers, preference)
+        right, judged = map(sum, zip(*(held_out_agreement(reward, eval_prompts, answers, preference)
+                                        for answers in served_answers)))
         rm_accuracy_low = wilson_interval(right, judged)[0] if judged else None
         torch.manual_seed(knobs.ppo.seed + r)
         new, stats = improve_policy(knobs.algorithm, serving, tokenizer, train_prompts,
@@ -357,11 +361,13 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
         t = tally(new_answers, base_answers, preference)
         history.append({"round": r + 1, "pairs": len(prompts), "steps": len(stats), "published": published,
                         "reason": reason, "win_rate_vs_base": t.win_rate, "wins": t.wins, "losses": t.losses,
-                        "rm_held_out_accuracy": right / judged if judged else math.nan})
+                        "rm_held_out_accuracy": right / judged if judged else math.nan,
+                        "rm_held_out_pairs": judged})
         log.info("%s round %d: %d pairs, %d steps, win %.3f against base, %s: %s", name, r + 1, len(prompts),
                  len(stats), t.win_rate, "published" if published else "refused", reason)
         if published and stats:
             serving, serving_answers = new, new_answers
+            served_answers.append(new_answers)
             unranked = [train_prompts[i] for later in batches[r + 1:] for i in later]
             torch.manual_seed(knobs.ppo.seed + 100 + r)
             shown.update(zip(unranked, sample_completions(serving, tokenizer, unranked, knobs.candidates,

@@ -48,6 +48,14 @@ def experiment(policy_path: str, encoder_path: str, knobs: Knobs, max_kl: float,
                           eval_prompts, base_answers, knobs, max_kl)
 
 
+def separated_pairs(prompts: list[str], answers: list[str], preference) -> int:
+    """How many ordered pairs of answers to one prompt the preference tells apart."""
+    groups: dict[str, list[str]] = {}
+    for p, a in zip(prompts, answers):
+        groups.setdefault(p, []).append(a)
+    return sum(preference(a) > preference(b) for g in groups.values() for a in g for b in g)
+
+
 def test_the_loop_updates_after_each_batch_and_serves_the_last_published_update(tiny_policy, tiny_encoder,
                                                                                 monkeypatch):
     verdicts = iter([(True, "round 1 shown better"), (False, "round 2 not shown better")])
@@ -70,6 +78,10 @@ def test_the_loop_updates_after_each_batch_and_serves_the_last_published_update(
     assert 0 < first["pairs"] < second["pairs"] == result.pairs  # the second update trains on both batches
     assert result.win_rate == first["win_rate_vs_base"]  # the refused second update never served
     assert result.ppo_steps == first["steps"] + second["steps"]
+    # the reward model is judged on every held-out answer served so far, as the worker judges it on every
+    # held-out pair of the project: the base policy's answers, then also the published update's
+    assert first["rm_held_out_pairs"] == separated_pairs(eval_prompts, base_answers, PREFERENCES["shorter"])
+    assert second["rm_held_out_pairs"] > first["rm_held_out_pairs"]
 
 
 def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference_and_records_each_pair(
