@@ -171,6 +171,8 @@ class Knobs:
     held_out: int = 24  # held-out prompts
     algorithm: str = Settings.model_fields["rl_algorithm"].default  # RL_ALGORITHM: the backend's default
     group_size: int = Settings.model_fields["rl_group_size"].default  # samples per prompt of GRPO/RLOO
+    # PPO_TRIGGER_PAIRS: run_loop updates only once this many pairs are newer than its last attempt
+    trigger_pairs: int = Settings.model_fields["ppo_trigger_pairs"].default
     # this regime's own PPO knobs, as its seed tables in docs/ppo.md were measured (the KL budget is 4 here;
     # the backend's PPO_STOP_KL default is 8, chosen on bench/suite.py)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
@@ -325,7 +327,9 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
     """The loop a user gets from the automatic trigger, in `rounds` updates instead of one.
 
     The annotator ranks the training questions in `rounds` batches (`loop_batches`). After each batch
-    the reward model is refitted on every pair so far and the serving policy is updated from itself; the
+    with at least `knobs.trigger_pairs` pairs newer than the last attempt (the worker's trigger; fewer
+    carry over to the next batch) the reward model is refitted on every pair so far and the serving
+    policy is updated from itself; the
     guard rails judge the update against the serving policy, as the worker does, and the reward model on
     the held-out answers of every policy served so far (the worker: on every held-out pair the project
     has, whichever policy wrote its candidates). A published update
@@ -340,14 +344,18 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
     serving, serving_answers = base, base_answers
     served_answers = [base_answers]  # held-out answers of every policy served so far: the project's held-out pairs
     prompts, chosen, rejected, all_stats, history = [], [], [], [], []
+    attempted_at = 0  # pairs when the last update was attempted, published or refused
     for r, batch in enumerate(batches):
         batch_prompts = [train_prompts[i] for i in batch]
         p, c, j = annotate(batch_prompts, [shown[q] for q in batch_prompts], preference, knobs.annotation)
         prompts, chosen, rejected = prompts + p, chosen + c, rejected + j
+        if len(prompts) - attempted_at < knobs.trigger_pairs:
+            history.append(not_triggered(r + 1, len(prompts) - attempted_at, len(prompts), knobs.trigger_pairs))
+            log.info("%s round %d: %s", name, r + 1, history[-1]["reason"])
+            continue
+        attempted_at = len(prompts)
         reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
-        right, judged = map(sum, zip(*(held_out_agreement(reward, eval_prompts, answers, preference)
-                                        for answers in served_answers)))
-        rm_accuracy_low = wilson_interval(right, judged)[0] if judged else None
+        right, judged, rm_accuracy_low = reward_check(reward, eval_prompts, served_answers, preference)
         torch.manual_seed(knobs.ppo.seed + r)
         new, stats = improve_policy(knobs.algorithm, serving, tokenizer, train_prompts,
                                     normalised_to_candidates(reward.score, shown), knobs.ppo,
@@ -359,7 +367,8 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
         published, reason = guard_rails(compare(new, serving, tokenizer, reward, eval_prompts, new_answers,
                                                 serving_answers, k), max_kl, rm_accuracy_low)
         t = tally(new_answers, base_answers, preference)
-        history.append({"round": r + 1, "pairs": len(prompts), "steps": len(stats), "published": published,
+        history.append({"round": r + 1, "triggered": True, "pairs": len(prompts), "steps": len(stats),
+                        "published": published,
                         "reason": reason, "win_rate_vs_base": t.win_rate, "wins": t.wins, "losses": t.losses,
                         "rm_held_out_accuracy": right / judged if judged else math.nan,
                         "rm_held_out_pairs": judged})
@@ -373,19 +382,36 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
             shown.update(zip(unranked, sample_completions(serving, tokenizer, unranked, knobs.candidates,
                                                           knobs.candidate_tokens)))
     seconds_per_update, rollout_tps = step_timings(all_stats)
-    last = history[-1]
+    if not attempted_at:  # never triggered: the base policy serves; the row's reward model is fitted on every pair
+        reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
+        right, judged, rm_accuracy_low = reward_check(reward, eval_prompts, served_answers, preference)
     return Result(
-        preference=name, pairs=len(prompts), rm_held_out_accuracy=last["rm_held_out_accuracy"],
+        preference=name, pairs=len(prompts), rm_held_out_accuracy=right / judged if judged else math.nan,
         rm_held_out_pairs=judged, rm_held_out_accuracy_low=rm_accuracy_low, algorithm=knobs.algorithm,
         ppo_steps=len(all_stats), seconds_per_update=seconds_per_update, rollout_tokens_per_s=rollout_tps,
         final_train_kl=all_stats[-1].kl if all_stats else None,
         published=any(h["published"] for h in history),
-        reason=" | ".join(f"round {h['round']}: {'published' if h['published'] else 'refused'}, {h['reason']}"
+        reason=" | ".join(f"round {h['round']}: {h['reason']}" if not h["triggered"] else
+                          f"round {h['round']}: {'published' if h['published'] else 'refused'}, {h['reason']}"
                           for h in history),
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started, rounds=history,
         **judged_fields(compare(serving, base, tokenizer, reward, eval_prompts, serving_answers, base_answers, k),
                         preference, eval_prompts, serving_answers, base_answers, k),
     )
+
+
+def reward_check(reward: RewardModel, eval_prompts: list[str], answer_sets: list[list[str]],
+                 preference) -> tuple[int, int, float | None]:
+    """(agreeing, judged, lower 95% bound of the accuracy) of `held_out_agreement` over every set of answers:
+    the guard rails' reward-model check (None: no pair judged, unknown, as in the product)."""
+    right, judged = map(sum, zip(*(held_out_agreement(reward, eval_prompts, a, preference) for a in answer_sets)))
+    return right, judged, wilson_interval(right, judged)[0] if judged else None
+
+
+def not_triggered(round_: int, new_pairs: int, pairs: int, trigger_pairs: int) -> dict:
+    """A `run_loop` round without an update: too few new pairs for the trigger."""
+    return {"round": round_, "triggered": False, "pairs": pairs, "steps": 0, "published": False,
+            "reason": f"not triggered: {new_pairs} new pairs < PPO_TRIGGER_PAIRS {trigger_pairs}"}
 
 
 def loop_batches(questions: int, rounds: int, seed: int) -> list[list[int]]:

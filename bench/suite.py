@@ -58,7 +58,7 @@ def user_knobs(algorithm: str, seed: int, overrides: dict[str, str] | None = Non
     ppo = ppo_config(defaults)
     return Knobs(candidates=defaults.num_candidates, candidate_tokens=defaults.max_new_tokens,
                  held_out=24, algorithm=algorithm, group_size=defaults.rl_group_size,
-                 ppo=ppo, dpo=dpo_config(defaults))
+                 trigger_pairs=defaults.ppo_trigger_pairs, ppo=ppo, dpo=dpo_config(defaults))
 
 
 def setting_override(text: str) -> tuple[str, str]:

@@ -56,12 +56,14 @@ def separated_pairs(prompts: list[str], answers: list[str], preference) -> int:
     return sum(preference(a) > preference(b) for g in groups.values() for a in g for b in g)
 
 
-def test_the_loop_updates_after_each_batch_and_serves_the_last_published_update(tiny_policy, tiny_encoder,
-                                                                                monkeypatch):
-    verdicts = iter([(True, "round 1 shown better"), (False, "round 2 not shown better")])
-    monkeypatch.setattr(ppo_loop, "should_publish", lambda *args, **kwargs: next(verdicts))
-    knobs = Knobs(candidates=3, candidate_tokens=8, eval_samples=2, held_out=8, algorithm="ppo", ppo=PPOConfig(
-        steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=8, lora_rank=4, learning_rate=1e-2))
+def tiny_loop_knobs(trigger_pairs: int) -> Knobs:
+    return Knobs(candidates=3, candidate_tokens=8, eval_samples=2, held_out=8, algorithm="ppo",
+                 trigger_pairs=trigger_pairs, ppo=PPOConfig(steps=2, batch_size=4, mini_batch_size=2,
+                                                            max_new_tokens=8, lora_rank=4, learning_rate=1e-2))
+
+
+def tiny_loop(knobs: Knobs, tiny_policy, tiny_encoder):
+    """run_loop on tiny models over 8 training questions in 2 batches, judged by "shorter"."""
     base, tokenizer = load_causal_lm(str(tiny_policy))
     encoder = TextEncoder(*load_encoder(str(tiny_encoder)), name="encoder", store=None)
     train_prompts, held_out = split_prompts(knobs.held_out)
@@ -69,9 +71,17 @@ def test_the_loop_updates_after_each_batch_and_serves_the_last_published_update(
     torch.manual_seed(0)
     candidates = sample_completions(base, tokenizer, train_prompts, knobs.candidates, knobs.candidate_tokens)
     eval_prompts, base_answers, _ = sample(base, tokenizer, held_out, knobs.eval_samples, knobs.ppo.max_new_tokens)
-
     result = run_loop("shorter", PREFERENCES["shorter"], base, tokenizer, encoder, train_prompts, candidates,
                       eval_prompts, base_answers, knobs, max_kl=1e9, rounds=2)
+    return result, eval_prompts, base_answers
+
+
+def test_the_loop_updates_after_each_batch_and_serves_the_last_published_update(tiny_policy, tiny_encoder,
+                                                                                monkeypatch):
+    verdicts = iter([(True, "round 1 shown better"), (False, "round 2 not shown better")])
+    monkeypatch.setattr(ppo_loop, "should_publish", lambda *args, **kwargs: next(verdicts))
+    knobs = tiny_loop_knobs(trigger_pairs=1)
+    result, eval_prompts, base_answers = tiny_loop(knobs, tiny_policy, tiny_encoder)
 
     first, second = result.rounds
     assert (first["published"], second["published"], result.published) == (True, False, True)
@@ -82,6 +92,26 @@ def test_the_loop_updates_after_each_batch_and_serves_the_last_published_update(
     # held-out pair of the project: the base policy's answers, then also the published update's
     assert first["rm_held_out_pairs"] == separated_pairs(eval_prompts, base_answers, PREFERENCES["shorter"])
     assert second["rm_held_out_pairs"] > first["rm_held_out_pairs"]
+
+
+def test_the_loop_updates_only_once_the_trigger_s_pairs_have_arrived(tiny_policy, tiny_encoder, monkeypatch):
+    monkeypatch.setattr(ppo_loop, "should_publish", lambda *args, **kwargs: (True, "shown better"))
+    # "shorter" ranks 3 candidates into at most 3 pairs a question: at most 12 a batch of 4, 24 after both
+    result, _, _ = tiny_loop(tiny_loop_knobs(trigger_pairs=20), tiny_policy, tiny_encoder)
+
+    first, second = result.rounds
+    assert (first["triggered"], first["steps"], first["published"]) == (False, 0, False)
+    assert f"{first['pairs']} new pairs < PPO_TRIGGER_PAIRS 20" in first["reason"]
+    assert second["triggered"] and second["published"]
+    assert 20 <= second["pairs"] == result.pairs  # the first batch's pairs carried over to the second's update
+    assert result.ppo_steps == second["steps"] > 0 and result.win_rate == second["win_rate_vs_base"]
+
+
+def test_a_loop_whose_trigger_never_fires_serves_the_base_policy(tiny_policy, tiny_encoder):
+    result, _, _ = tiny_loop(tiny_loop_knobs(trigger_pairs=100), tiny_policy, tiny_encoder)
+
+    assert [r["triggered"] for r in result.rounds] == [False, False]
+    assert (result.published, result.ppo_steps, result.win_rate, result.held_out_kl) == (False, 0, 0.5, 0.0)
 
 
 def test_ppo_on_tiny_models_moves_the_policy_towards_the_hidden_preference_and_records_each_pair(
