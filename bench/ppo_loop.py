@@ -242,8 +242,7 @@ def run_experiment(name: str, preference, base, tokenizer, encoder: TextEncoder,
     ranked = ranked_sample(len(train_prompts), knobs.ranked_questions, knobs.ppo.seed)
     prompts, chosen, rejected = annotate([train_prompts[i] for i in ranked], [candidates[i] for i in ranked],
                                          preference, knobs.annotation)
-    # reward model: the default (MiniLM and character n-gram heads) fitted on every pair
-    reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
+    reward = fit_reward(encoder, prompts, chosen, rejected)
     right, judged = held_out_agreement(reward, eval_prompts, base_answers, preference)
     rm_accuracy = right / judged if judged else math.nan
     rm_accuracy_low = wilson_interval(right, judged)[0] if judged else None  # None: unknown, as in the product
@@ -329,10 +328,9 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
     The annotator ranks the training questions in `rounds` batches (`loop_batches`). After each batch
     with at least `knobs.trigger_pairs` pairs newer than the last attempt (the worker's trigger; fewer
     carry over to the next batch) the reward model is refitted on every pair so far and the serving
-    policy is updated from itself; the
-    guard rails judge the update against the serving policy, as the worker does, and the reward model on
-    the held-out answers of every policy served so far (the worker: on every held-out pair the project
-    has, whichever policy wrote its candidates). A published update
+    policy is updated from itself. The guard rails judge the update against the serving policy, as the
+    worker does, and the reward model on the held-out answers of every policy served so far (the worker:
+    on every held-out pair the project has, whichever policy wrote its candidates). A published update
     serves from then on and writes fresh candidates for the questions not ranked yet (the worker's
     regenerate job). The result judges the last serving policy against the base policy: what the
     annotators are left with, 0.5 if nothing was published. `rounds` in the row says how each round went.
@@ -341,7 +339,7 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
     k, tokens = knobs.eval_samples, knobs.ppo.max_new_tokens
     batches = loop_batches(len(train_prompts), rounds, knobs.ppo.seed)
     shown = dict(zip(train_prompts, candidates))  # the candidates each task holds now
-    serving, serving_answers = base, base_answers
+    serving = base
     served_answers = [base_answers]  # held-out answers of every policy served so far: the project's held-out pairs
     prompts, chosen, rejected, all_stats, history = [], [], [], [], []
     attempted_at = 0  # pairs when the last update was attempted, published or refused
@@ -354,7 +352,7 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
             log.info("%s round %d: %s", name, r + 1, history[-1]["reason"])
             continue
         attempted_at = len(prompts)
-        reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
+        reward = fit_reward(encoder, prompts, chosen, rejected)
         right, judged, rm_accuracy_low = reward_check(reward, eval_prompts, served_answers, preference)
         torch.manual_seed(knobs.ppo.seed + r)
         new, stats = improve_policy(knobs.algorithm, serving, tokenizer, train_prompts,
@@ -365,17 +363,17 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
         torch.manual_seed(knobs.ppo.seed + 1)
         _, new_answers, _ = sample(new, tokenizer, eval_prompts[::k], k, tokens)
         published, reason = guard_rails(compare(new, serving, tokenizer, reward, eval_prompts, new_answers,
-                                                serving_answers, k), max_kl, rm_accuracy_low)
+                                                served_answers[-1], k), max_kl, rm_accuracy_low)
         t = tally(new_answers, base_answers, preference)
         history.append({"round": r + 1, "triggered": True, "pairs": len(prompts), "steps": len(stats),
-                        "published": published,
-                        "reason": reason, "win_rate_vs_base": t.win_rate, "wins": t.wins, "losses": t.losses,
+                        "published": published, "reason": reason, "win_rate_vs_base": t.win_rate,
+                        "wins": t.wins, "losses": t.losses,
                         "rm_held_out_accuracy": right / judged if judged else math.nan,
                         "rm_held_out_pairs": judged})
         log.info("%s round %d: %d pairs, %d steps, win %.3f against base, %s: %s", name, r + 1, len(prompts),
                  len(stats), t.win_rate, "published" if published else "refused", reason)
         if published and stats:
-            serving, serving_answers = new, new_answers
+            serving = new
             served_answers.append(new_answers)
             unranked = [train_prompts[i] for later in batches[r + 1:] for i in later]
             torch.manual_seed(knobs.ppo.seed + 100 + r)
@@ -383,7 +381,7 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
                                                           knobs.candidate_tokens)))
     seconds_per_update, rollout_tps = step_timings(all_stats)
     if not attempted_at:  # never triggered: the base policy serves; the row's reward model is fitted on every pair
-        reward = RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
+        reward = fit_reward(encoder, prompts, chosen, rejected)
         right, judged, rm_accuracy_low = reward_check(reward, eval_prompts, served_answers, preference)
     return Result(
         preference=name, pairs=len(prompts), rm_held_out_accuracy=right / judged if judged else math.nan,
@@ -395,9 +393,14 @@ def run_loop(name: str, preference, base, tokenizer, encoder: TextEncoder, train
                           f"round {h['round']}: {'published' if h['published'] else 'refused'}, {h['reason']}"
                           for h in history),
         peak_rss_gb=peak_rss_gb(), seconds=time.perf_counter() - started, rounds=history,
-        **judged_fields(compare(serving, base, tokenizer, reward, eval_prompts, serving_answers, base_answers, k),
-                        preference, eval_prompts, serving_answers, base_answers, k),
+        **judged_fields(compare(serving, base, tokenizer, reward, eval_prompts, served_answers[-1], base_answers, k),
+                        preference, eval_prompts, served_answers[-1], base_answers, k),
     )
+
+
+def fit_reward(encoder: TextEncoder, prompts: list[str], chosen: list[str], rejected: list[str]) -> RewardModel:
+    """The default reward model (MiniLM and character n-gram heads) fitted on every pair, with no margins."""
+    return RewardModel(encoder).fit(prompts, chosen, rejected, [0.0] * len(prompts)).model
 
 
 def reward_check(reward: RewardModel, eval_prompts: list[str], answer_sets: list[list[str]],
