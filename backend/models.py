@@ -74,9 +74,13 @@ def remove_abandoned_staging(parent: Path, older_than: float = ABANDONED_STAGING
 
 
 @contextmanager
-def atomic_directory(directory: Path) -> Iterator[Path]:
+def atomic_directory(directory: Path, keep_existing: bool = False) -> Iterator[Path]:
     """Write into the yielded staging directory; on success it replaces `directory` in one rename,
-    so a crash mid-write never leaves a half-written version."""
+    so a crash mid-write never leaves a half-written version.
+
+    `keep_existing`: for a directory every process derives the same way (the converted base policy), the
+    first complete copy wins and is never deleted: two processes converting at once on a fresh MODEL_DIR
+    would otherwise delete the copy the other is already loading."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(directory.parent)
@@ -86,6 +90,14 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if keep_existing:
+        try:
+            os.rename(staging, directory)  # fails on a non-empty directory: another writer finished first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not directory.is_dir():
+                raise
+        return
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)
@@ -103,7 +115,8 @@ def convert_smollm2(target: Path) -> Path:
         del config.quantization_config
     plain = type(quantised)(config)
     plain.load_state_dict(quantised.state_dict())
-    with atomic_directory(target) as staging:  # a crash never leaves a half-written "converted" model
+    # a crash never leaves a half-written "converted" model; a process converting beside us keeps its copy
+    with atomic_directory(target, keep_existing=True) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target

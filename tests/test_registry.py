@@ -57,6 +57,23 @@ def test_a_staging_directory_left_by_a_killed_writer_goes_at_the_next_publish(tm
     assert (tmp_path / "v0005" / "config.json").exists()
 
 
+def test_two_processes_converting_the_base_policy_at_once_keep_the_first_copy_in_place(tmp_path):
+    from backend.models import atomic_directory
+
+    target = tmp_path / "base"
+    with atomic_directory(target, keep_existing=True) as late:  # started first, finishes last
+        with atomic_directory(target, keep_existing=True) as early:
+            (early / "config.json").write_text("early")
+        loading = (target / "config.json").stat().st_ino  # another process is reading this copy now
+        (late / "config.json").write_text("late")
+    assert (target / "config.json").read_text() == "early"
+    assert (target / "config.json").stat().st_ino == loading
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]  # the loser's staging directory is gone
+    with atomic_directory(target) as version:  # a model version, rewritten by a retried job, is replaced
+        (version / "config.json").write_text("retried")
+    assert (target / "config.json").read_text() == "retried"
+
+
 def test_the_configured_engine_generates_for_each_published_version_one_engine_each(tiny_env, tmp_path):
     settings = load_settings({**tiny_env, "GENERATION_ENGINE": "vllm"})
     store = Store(settings.store_url)
