@@ -83,6 +83,13 @@ def has_signal(row: dict, trigger_pairs: int, min_accuracy: float) -> bool:
     return row["pairs"] >= trigger_pairs and row["accuracy_low"] is not None and row["accuracy_low"] >= min_accuracy
 
 
+def signal_from(curve: list[dict], trigger_pairs: int, min_accuracy: float) -> int | None:
+    """The smallest task count from which every larger count of one taste's curve has the signal (None: never):
+    a count that has it only to lose it again is noise, not signal."""
+    return next((r["tasks"] for i, r in enumerate(curve)
+                 if all(has_signal(s, trigger_pairs, min_accuracy) for s in curve[i:])), None)
+
+
 def markdown(rows: list[dict], counts: list[int], trigger_pairs: int, min_accuracy: float) -> str:
     head = "| taste (template) | " + " | ".join(f"{n} tasks" for n in counts) + " | signal from |"
     out = [head, "|" + "---|" * (len(counts) + 2)]
@@ -90,9 +97,7 @@ def markdown(rows: list[dict], counts: list[int], trigger_pairs: int, min_accura
         mine = [r for r in rows if r["taste"] == name]
         cells = [f"{r['pairs']} pairs, {r['agreeing']}/{r['judged']} "
                  f"({'-' if r['accuracy_low'] is None else format(r['accuracy_low'], '.2f')})" for r in mine]
-        # the signal is there from the first count after which every count has it
-        since = next((r["tasks"] for i, r in enumerate(mine)
-                      if all(has_signal(s, trigger_pairs, min_accuracy) for s in mine[i:])), None)
+        since = signal_from(mine, trigger_pairs, min_accuracy)
         since_cell = since or f"not by {counts[-1]}"
         out.append(f"| {name} ({taste.verdict}) | " + " | ".join(cells) + f" | {since_cell} |")
     return "\n".join(out)
