@@ -9,7 +9,8 @@ Out: per taste and task count (the suite's 36 first, then the rest in order), th
      agreement with the taste on every pair of held-out answers the taste separates, and the lower 95% Wilson
      bound that gates the trigger and the publication (PPO_MIN_RM_ACCURACY, 0.5).
 No policy update: this asks whether the signal is there before an update can use it, at the cost of sampling
-(about 10 minutes for three seeds on this 2-core CPU). Run: `.venv/bin/python bench/taste_signal.py`.
+(16 minutes for three seeds on this 2-core CPU, 1 thread, beside two suite runs; then about a minute).
+Run: `.venv/bin/python bench/taste_signal.py` (docs/policy.md has the table).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from backend.models import (  # noqa: E402
 from backend.reward import TextEncoder  # noqa: E402
 from backend.reward_training import wilson_interval  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from backend.store import Store  # noqa: E402
 
 TASK_COUNTS = (36, 72, 108, 216, 324)
 
@@ -109,13 +111,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "taste_signal_tasks.json",
                         help="the sampled tasks; delete it to sample again")
+    parser.add_argument("--embeddings", type=Path, default=ROOT / ".cache" / "taste_signal_embeddings.sqlite3",
+                        help="the encoder's cache of the answers' embeddings")
     parser.add_argument("--json", type=Path, help="write the rows here (JSON lines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tasks = sample_tasks(args.seeds, args.cache)
     counts = [n for n in TASK_COUNTS if n <= len(tasks["prompts"])]
-    encoder = TextEncoder(*load_encoder(resolve_encoder(DEFAULT_ENCODER)), DEFAULT_ENCODER, store=None)
+    store = Store(f"sqlite:///{args.embeddings.resolve()}")  # each text embedded once, not once a fit
+    store.create_schema()
+    encoder = TextEncoder(*load_encoder(resolve_encoder(DEFAULT_ENCODER)), DEFAULT_ENCODER, store=store)
     knobs = user_knobs("ppo", args.seeds[0])
     min_accuracy = Settings().ppo_min_rm_accuracy
     rows = [row for taste in SUITE.values() for row in signal_curve(tasks, taste, encoder, counts)]
