@@ -129,7 +129,8 @@ def test_a_tastes_signal_counts_from_where_it_holds_at_every_larger_task_count()
     def point(tasks, pairs, low):
         return {"tasks": tasks, "pairs": pairs, "accuracy_low": low}
 
-    curve = [point(36, 12, 0.55), point(72, 25, 0.52), point(108, 40, 0.45), point(216, 80, 0.58), point(324, 120, 0.61)]
+    curve = [point(36, 12, 0.55), point(72, 25, 0.52), point(108, 40, 0.45), point(216, 80, 0.58),
+             point(324, 120, 0.61)]
     assert taste_signal.signal_from(curve, 20, 0.5) == 216  # 72 had it and lost it at 108: noise
     assert taste_signal.signal_from(curve, 100, 0.5) == 324  # the trigger needs pairs too
     assert taste_signal.signal_from([point(36, 30, None), point(72, 60, 0.4)], 20, 0.5) is None
