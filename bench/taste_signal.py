@@ -50,10 +50,11 @@ def sample_tasks(seeds: list[int], cache: Path) -> dict:
     for seed in seeds:
         knobs = user_knobs("ppo", seed)
         train, held_out = split_prompts(knobs.held_out)
+        questions = train + MORE_NUMERIC + MORE_OPEN
         torch.manual_seed(seed)  # the suite's own candidates for its 36 questions, then the 72 more
-        tasks["prompts"] += train + MORE_NUMERIC + MORE_OPEN
-        tasks["candidates"] += sample_completions(base, tokenizer, train + MORE_NUMERIC + MORE_OPEN,
-                                                  knobs.candidates, knobs.candidate_tokens)
+        tasks["prompts"] += questions
+        tasks["candidates"] += sample_completions(base, tokenizer, questions, knobs.candidates,
+                                                  knobs.candidate_tokens)
         torch.manual_seed(seed + 1000)
         eval_prompts, answers, _ = sample(base, tokenizer, held_out, knobs.eval_samples, knobs.candidate_tokens)
         tasks["held_out"].append({"prompts": eval_prompts, "answers": answers})
@@ -122,15 +123,15 @@ def main() -> None:
     store = Store(f"sqlite:///{args.embeddings.resolve()}")  # each text embedded once, not once a fit
     store.create_schema()
     encoder = TextEncoder(*load_encoder(resolve_encoder(DEFAULT_ENCODER)), DEFAULT_ENCODER, store=store)
-    knobs = user_knobs("ppo", args.seeds[0])
-    min_accuracy = Settings().ppo_min_rm_accuracy
+    defaults = Settings()
+    trigger_pairs, min_accuracy = defaults.ppo_trigger_pairs, defaults.ppo_min_rm_accuracy
     rows = [row for taste in SUITE.values() for row in signal_curve(tasks, taste, encoder, counts)]
     if args.json:
         args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"Pairs, then the reward model's agreeing/judged held-out pairs (lower 95% bound); 'signal from': the "
-          f"task count from which the trigger ({knobs.trigger_pairs} pairs) fires and the bound is at least "
+          f"task count from which the trigger ({trigger_pairs} pairs) fires and the bound is at least "
           f"{min_accuracy}.\n")
-    print(markdown(rows, counts, knobs.trigger_pairs, min_accuracy))
+    print(markdown(rows, counts, trigger_pairs, min_accuracy))
     print(f"\nMachine: {machine()}. Seeds {args.seeds}. {(time.perf_counter() - started) / 60:.1f} min.")
 
 
